@@ -1,0 +1,141 @@
+"""Configuration: UPPER_CASE constants of an entry script, presets and ``--name=value``.
+
+An entry script keeps its settings as module-level constants (one comment each). Resolution:
+the constants as written, then the values of the chosen PRESET, then command-line overrides
+``--name=value`` (names case-insensitive). Each override is type-checked against the
+constant's type; an unknown name or a bad value raises ConfigError with a one-line message.
+The resolved configuration is saved as JSON beside the checkpoints (never pickled).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+class ConfigError(ValueError):
+    """A bad setting: the message names the setting and what is wrong."""
+
+
+def constants(namespace: dict) -> dict:
+    """The UPPER_CASE settings of a module namespace (``globals()`` of an entry script)."""
+    return {k: v for k, v in namespace.items()
+            if k.isupper() and not k.startswith("_") and k not in ("PRESETS", "TYPES")
+            and isinstance(v, (bool, int, float, str, list, tuple, type(None)))}
+
+
+def _parse_bool(name, text):
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"--{name.lower()}: expected true or false, got {text!r}")
+
+
+def _parse_number(name, text, kind):
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is int and isinstance(value, float) and value.is_integer() and "e" in text.lower():
+        return int(value)  # allow 1e5 for step counts
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise ConfigError(f"--{name.lower()}: expected {'an integer' if kind is int else 'a number'}"
+                      f", got {text!r}")
+
+
+def parse_value(name: str, text: str, default, kind=None):
+    """Convert the text of ``--name=text`` to the type of ``default`` (or ``kind``)."""
+    kind = kind or type(default)
+    if text.strip().lower() in ("none", "null") and (default is None or kind is type(None)):
+        return None
+    if kind is bool:
+        return _parse_bool(name, text)
+    if kind in (int, float):
+        return _parse_number(name, text, kind)
+    if kind in (list, tuple):
+        items = text.strip().strip("[]()")
+        items = [i.strip() for i in items.split(",") if i.strip()]
+        elem = type(default[0]) if default else str
+        parsed = [parse_value(name, i, default[0] if default else "", elem) for i in items]
+        if default and elem is not str and len(parsed) != len(default):
+            raise ConfigError(f"--{name.lower()}: expected {len(default)} values, "
+                              f"got {len(parsed)} in {text!r}")
+        return parsed
+    if kind is type(None):
+        return text
+    return text
+
+
+def resolve(namespace: dict, argv=None, presets: dict | None = None,
+            types: dict | None = None) -> dict:
+    """Resolved settings: constants, then PRESET's values, then ``--name=value`` overrides.
+
+    ``types`` gives the type of settings whose constant is None (for example an optional
+    port number). Raises ConfigError for an unknown name, a malformed argument or a bad value.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    config = constants(namespace)
+    types = types or {}
+    overrides = {}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            raise SystemExit(help_text(config))
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"{arg}: arguments must look like --name=value")
+        name, text = arg[2:].split("=", 1)
+        key = name.upper().replace("-", "_")
+        if key not in config:
+            close = [k.lower() for k in config if k.startswith(key[:3])][:3]
+            hint = f" (did you mean {', '.join('--' + c for c in close)}?)" if close else ""
+            raise ConfigError(f"--{name}: unknown setting{hint}")
+        overrides[key] = parse_value(key, text, config[key], types.get(key))
+    preset_name = overrides.get("PRESET", config.get("PRESET"))
+    if presets is not None and preset_name is not None:
+        if preset_name not in presets:
+            raise ConfigError(f"PRESET: unknown preset {preset_name!r}; expected one of "
+                              f"{', '.join(presets)}")
+        for key, value in presets[preset_name].items():
+            if key not in config:
+                raise ConfigError(f"preset {preset_name}: sets unknown setting {key}")
+            config[key] = value
+    config.update(overrides)
+    for key, kind in types.items():
+        value = config.get(key)
+        if value is not None and not isinstance(value, kind):
+            raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
+    return config
+
+
+def help_text(config: dict) -> str:
+    lines = ["Settings (override as --name=value):"]
+    lines += [f"  --{k.lower()}={json.dumps(v)}" for k, v in config.items()]
+    return "\n".join(lines)
+
+
+def save_config(config: dict, path: str) -> None:
+    """Write the resolved configuration as JSON, atomically."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".partial"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(config, handle, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def load_config(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read configuration ({err})") from None
+
+
+def resolve_path(path: str | None, base: str) -> str | None:
+    """A path from the configuration: relative ones are relative to ``base``."""
+    if path is None or path == "" or os.path.isabs(path):
+        return path
+    return os.path.normpath(os.path.join(base, path))

@@ -1,0 +1,286 @@
+"""Data I/O shared by the 2D and 3D networks.
+
+* The released slice format (carrenD/Medical-Cross-Modality-Domain-Adaptation): one
+  ``tf.train.Example`` per slice with int64 features ``dsize_dim0..2``, ``lsize_dim0..2`` and
+  bytes features ``data_vol`` (float32 [H, W, 3], row-major: three adjacent slices) and
+  ``label_vol`` (float32; [H, W, 3] in the released files, whose channel 1 is the label of the
+  middle slice, or [H, W, 1] as the published description says). The reader decides the label
+  layout from the byte length, so both work.
+* List files: one entry per line, relative paths resolved against the list file's folder,
+  blank lines ignored. Slice lists hold one TFRecord path per line; volume lists hold
+  ``image_path,label_path`` (NIfTI) or one ``.npz`` path (the original test format, arr_0 =
+  image, arr_1 = label).
+* A tf.data pipeline of [B, H, W, 3] float32 images and [B, H, W] int32 labels.
+
+Volumes are numpy arrays [H, W, D]: in-plane axes first, slices along the last axis.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import tensorflow as tf
+
+RELEASED_LABEL_CHANNELS = 3  # the released files store the label as [H, W, 3]
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file and what is wrong."""
+
+
+# ----------------------------------------------------------------------------- list files
+def read_list(list_path: str) -> list[str]:
+    """Entries of a list file; relative paths are resolved against the list's folder.
+
+    A line with commas (``image,label``) has each part resolved and is returned joined by a
+    comma. Raises DataError if the file is missing or holds no entry.
+    """
+    if not os.path.isfile(list_path):
+        raise DataError(f"{list_path}: list file does not exist")
+    base = os.path.dirname(os.path.abspath(list_path))
+    entries = []
+    with open(list_path, encoding="utf-8") as handle:
+        for line in handle:
+            line = line.strip()
+            if not line:
+                continue
+            parts = [p.strip() for p in line.split(",")]
+            parts = [p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
+                     for p in parts]
+            entries.append(",".join(parts))
+    if not entries:
+        raise DataError(f"{list_path}: list file is empty")
+    return entries
+
+
+def write_list(list_path: str, entries: list[str]) -> None:
+    """Write a list file with paths relative to its own folder where possible."""
+    base = os.path.dirname(os.path.abspath(list_path))
+    lines = []
+    for entry in entries:
+        parts = [os.path.relpath(os.path.abspath(p), base) for p in entry.split(",")]
+        lines.append(",".join(parts))
+    with open(list_path, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
+def check_list_files(list_path: str) -> list[str]:
+    """Entries of a list file, raising one DataError that names every missing file."""
+    entries = read_list(list_path)
+    missing = [p for e in entries for p in e.split(",") if not os.path.exists(p)]
+    if missing:
+        shown = ", ".join(missing[:20]) + (f" (+{len(missing) - 20} more)" if len(missing) > 20 else "")
+        raise DataError(f"{list_path}: {len(missing)} listed file(s) do not exist: {shown}")
+    return entries
+
+
+# ----------------------------------------------------------------------------- TFRecords
+def _int64(value: int) -> tf.train.Feature:
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
+
+
+def _bytes(value: bytes) -> tf.train.Feature:
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+
+def encode_slice(image: np.ndarray, label: np.ndarray, label_layout: str = "released") -> bytes:
+    """Serialise one training slice in the released format.
+
+    image: [H, W, 3] (three adjacent slices); label: [H, W] class ids of the middle slice.
+    label_layout "released" stores the label as float32 [H, W, 3] with the middle-slice label
+    in every channel (the reader takes channel 1), "single" as float32 [H, W, 1].
+    """
+    image = np.asarray(image, dtype=np.float32)
+    label = np.asarray(label)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be [H, W, 3], got {image.shape}")
+    if label.shape != image.shape[:2]:
+        raise ValueError(f"label must be [H, W] = {image.shape[:2]}, got {label.shape}")
+    if label_layout == "released":
+        lab = np.repeat(label[:, :, None], RELEASED_LABEL_CHANNELS, axis=2)
+    elif label_layout == "single":
+        lab = label[:, :, None]
+    else:
+        raise ValueError(f"label_layout must be 'released' or 'single', got {label_layout!r}")
+    lab = np.ascontiguousarray(lab, dtype=np.float32)
+    image = np.ascontiguousarray(image)
+    feature = {
+        "dsize_dim0": _int64(image.shape[0]), "dsize_dim1": _int64(image.shape[1]),
+        "dsize_dim2": _int64(image.shape[2]),
+        "lsize_dim0": _int64(lab.shape[0]), "lsize_dim1": _int64(lab.shape[1]),
+        "lsize_dim2": _int64(lab.shape[2]),
+        "data_vol": _bytes(image.tobytes()), "label_vol": _bytes(lab.tobytes()),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def write_slices(path: str, slices, label_layout: str = "released") -> None:
+    """Write (image, label) pairs into one TFRecord file (the released data has one per file).
+
+    Writes to a temporary name first so that an interrupted write never leaves a file that
+    looks complete.
+    """
+    tmp = path + ".partial"
+    with tf.io.TFRecordWriter(tmp) as writer:
+        for image, label in slices:
+            writer.write(encode_slice(image, label, label_layout))
+    os.replace(tmp, path)
+
+
+_FEATURES = {
+    **{f"dsize_dim{i}": tf.io.FixedLenFeature([], tf.int64) for i in range(3)},
+    **{f"lsize_dim{i}": tf.io.FixedLenFeature([], tf.int64) for i in range(3)},
+    "data_vol": tf.io.FixedLenFeature([], tf.string),
+    "label_vol": tf.io.FixedLenFeature([], tf.string),
+}
+
+
+def parse_slice(serialized: tf.Tensor, image_size: int | None = None):
+    """Graph-side parser: serialized Example -> (image [S, S, 3] float32, label [S, S] int32).
+
+    The label layout ([H, W, 3] released or [H, W, 1]) follows from the byte length; its
+    middle channel is the label. With image_size set, slices of another size are resized
+    (bilinear for the image, nearest for the label).
+    """
+    ex = tf.io.parse_single_example(serialized, _FEATURES)
+    h = tf.cast(ex["dsize_dim0"], tf.int32)
+    w = tf.cast(ex["dsize_dim1"], tf.int32)
+    image = tf.reshape(tf.io.decode_raw(ex["data_vol"], tf.float32), [h, w, 3])
+    lab = tf.io.decode_raw(ex["label_vol"], tf.float32)
+    channels = tf.size(lab) // (h * w)
+    lab = tf.reshape(lab, [h, w, channels])
+    label = tf.cast(tf.round(lab[:, :, (channels - 1) // 2]), tf.int32)
+    if image_size is not None:
+        size = tf.constant([image_size, image_size])
+
+        def resized():
+            img = tf.image.resize(image, size, method="bilinear")
+            lbl = tf.image.resize(label[:, :, None], size, method="nearest")[:, :, 0]
+            return img, lbl
+
+        image, label = tf.cond(tf.reduce_all(tf.stack([h, w]) == size),
+                               lambda: (image, label), resized)
+        image = tf.ensure_shape(image, [image_size, image_size, 3])
+        label = tf.ensure_shape(label, [image_size, image_size])
+    return image, label
+
+
+def slice_dataset(files: list[str], image_size: int, batch_size: int, *, shuffle: bool = True,
+                  seed: int | None = None, repeat: bool = True, augment=None,
+                  shuffle_buffer: int = 512) -> tf.data.Dataset:
+    """Batches (image [B, S, S, 3] float32, label [B, S, S] int32) from TFRecord files.
+
+    Files are read in parallel and interleaved; shuffling is seeded so that runs repeat.
+    ``augment`` is an optional graph function (image, label, seed) -> (image, label) applied
+    per example.
+    """
+    if not files:
+        raise DataError("no TFRecord files given")
+    ds = tf.data.Dataset.from_tensor_slices(list(files))
+    if shuffle:
+        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=8, block_length=1,
+                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if shuffle:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.map(lambda s: parse_slice(s, image_size), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
+    if augment is not None:
+        ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size, drop_remainder=repeat)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+# ----------------------------------------------------------------------------- volumes
+@dataclass
+class Volume:
+    """A test volume: image [H, W, D] float32, label [H, W, D] int32, voxel spacing (mm)."""
+    name: str
+    image: np.ndarray
+    label: np.ndarray
+    spacing: tuple = (1.0, 1.0, 1.0)
+    affine: np.ndarray | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def case_name(path: str) -> str:
+    """File name without folder and without .nii.gz / .nii / .npz and an _image suffix."""
+    name = os.path.basename(path)
+    for ext in (".nii.gz", ".nii", ".npz"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+            break
+    for suffix in ("_image", "_img"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return name
+
+
+def load_volume(entry: str, npz_flip: bool = True) -> Volume:
+    """Load one volume-list entry: ``image.nii.gz,label.nii.gz`` or ``case.npz``.
+
+    The original .npz test files store arr_0 = image and arr_1 = label with axes 0 and 1
+    flipped relative to the training slices; ``npz_flip`` undoes that.
+    """
+    import nibabel as nib  # imported here so that training-only runs do not need it loaded
+
+    if entry.endswith(".npz"):
+        try:
+            with np.load(entry, allow_pickle=False) as npz:
+                image, label = npz["arr_0"], npz["arr_1"]
+        except (OSError, ValueError, KeyError) as err:
+            raise DataError(f"{entry}: cannot read test volume ({err})") from None
+        if npz_flip:
+            image, label = np.flip(image, (0, 1)), np.flip(label, (0, 1))
+        return Volume(case_name(entry), np.ascontiguousarray(image, np.float32),
+                      np.ascontiguousarray(label).astype(np.int32))
+    parts = entry.split(",")
+    if len(parts) != 2:
+        raise DataError(f"{entry}: a volume entry must be 'image,label' or one .npz file")
+    try:
+        img = nib.load(parts[0])
+        lab = nib.load(parts[1])
+        image = np.asarray(img.dataobj, dtype=np.float32)
+        label = np.rint(np.asarray(lab.dataobj)).astype(np.int32)
+    except Exception as err:  # nibabel raises several types for bad files
+        raise DataError(f"{parts[0]}: cannot read NIfTI pair ({err})") from None
+    if image.shape != label.shape:
+        raise DataError(f"{parts[1]}: label shape {label.shape} differs from image "
+                        f"shape {image.shape}")
+    spacing = tuple(float(s) for s in img.header.get_zooms()[:3])
+    return Volume(case_name(parts[0]), image, label, spacing, img.affine)
+
+
+def zip_modalities(datasets: dict) -> tf.data.Dataset:
+    """{modality: Dataset of (x, y)} -> Dataset of ({m: x}, {m: y}): one batch per modality.
+
+    The modalities keep their own (independent) shuffles: the data are unpaired.
+    """
+    names = list(datasets)
+    zipped = tf.data.Dataset.zip(tuple(datasets[m] for m in names))
+    return zipped.map(lambda *pairs: ({m: p[0] for m, p in zip(names, pairs)},
+                                      {m: p[1] for m, p in zip(names, pairs)}))
+
+
+def slice_training_data(config: dict, train_lists: dict, val_lists: dict, augment=None):
+    """2D training and validation batches for every modality from their TFRecord lists.
+
+    Each modality gets its own seed (SEED + its index) so the two shuffles are independent.
+    """
+    seed = config.get("SEED")
+
+    def build(lists, shuffle_seed_offset, aug):
+        out = {}
+        for i, (m, list_path) in enumerate(lists.items()):
+            files = check_list_files(list_path)
+            s = None if seed is None else seed + i + shuffle_seed_offset
+            out[m] = slice_dataset(files, config["IMAGE_SIZE"], config["BATCH_SIZE"],
+                                   seed=s, augment=aug)
+        return zip_modalities(out)
+
+    train = build(train_lists, 0, augment)
+    val = build(val_lists, 100, None) if val_lists and len(val_lists) == len(train_lists) else None
+    return train, val

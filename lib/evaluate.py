@@ -1,0 +1,233 @@
+"""Test phase shared by the 2D and 3D networks.
+
+Every voxel of every test volume is predicted through its modality's BN branch:
+* 2D: every slice, with its 3-slice context (edge slices replicated), batched over slices;
+* 3D: overlapping slabs along depth (and in-plane tiles when the volume is larger than the
+  patch), with the softmax averaged where windows overlap.
+Then Dice, ASSD and HD95 per class and case (lib/metrics.py), and under
+OUTPUT_PATH/results/: metrics.json, metrics.csv, predictions/<case>_pred.nii.gz and
+<case>_gt.nii.gz (in the geometry of the original scan when data preparation recorded it in
+dataset.json next to the test list), and figures/.
+
+Volumes are [H, W, D] numpy arrays, slices along the last axis (lib/data.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from lib import figures, metrics
+from lib.data import Volume, load_volume, read_list
+
+DATASET_JSON = "dataset.json"
+
+
+# ---------------------------------------------------------------------- 2D prediction
+def stack_context(image_hwd: np.ndarray) -> np.ndarray:
+    """[H, W, D] -> [D, H, W, 3]: slice k with its neighbours k-1, k+1 (edges replicated)."""
+    d = image_hwd.shape[2]
+    idx = np.clip(np.arange(d)[:, None] + np.array([-1, 0, 1])[None, :], 0, d - 1)
+    return np.ascontiguousarray(np.transpose(image_hwd[:, :, idx], (2, 0, 1, 3)))
+
+
+def make_predict_fn_2d(model, image_size: int):
+    """A compiled function (x [N, S, S, 3], modality) -> softmax [N, S, S, C] float32."""
+    fns = {}
+
+    def for_modality(modality):
+        if modality not in fns:
+            @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 3],
+                                                        tf.float32)])
+            def predict(x):
+                logits = model(x, modalities=(modality,), training=False)
+                return tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
+            fns[modality] = predict
+        return fns[modality]
+
+    return for_modality
+
+
+def predict_volume_2d(predict_fn, modality: str, image_hwd: np.ndarray, image_size: int,
+                      batch_size: int = 16) -> np.ndarray:
+    """Label map [H, W, D] (int32) for every slice of a volume.
+
+    Slices whose in-plane size is not image_size are resized for the network (bilinear) and
+    the class probabilities are resized back before the argmax.
+    """
+    h, w, d = image_hwd.shape
+    stacks = stack_context(image_hwd.astype(np.float32))
+    fn = predict_fn(modality)
+    out = np.empty((h, w, d), np.int32)
+    for start in range(0, d, batch_size):
+        x = tf.constant(stacks[start:start + batch_size])
+        if (h, w) != (image_size, image_size):
+            x = tf.image.resize(x, [image_size, image_size], method="bilinear")
+        probs = fn(x)
+        if (h, w) != (image_size, image_size):
+            probs = tf.image.resize(probs, [h, w], method="bilinear")
+        out[:, :, start:start + batch_size] = np.transpose(
+            np.argmax(probs.numpy(), axis=-1), (1, 2, 0))
+    return out
+
+
+# ---------------------------------------------------------------------- 3D prediction
+def window_starts(size: int, patch: int, stride: int) -> list[int]:
+    """Start offsets of windows of length ``patch`` covering [0, size) with the given stride.
+
+    The last window is shifted back to end at ``size``, so every position is covered and no
+    window leaves the volume. A volume shorter than the patch gets one window at 0 (the
+    caller pads it).
+    """
+    if size <= patch:
+        return [0]
+    starts = list(range(0, size - patch + 1, max(1, stride)))
+    if starts[-1] + patch < size:
+        starts.append(size - patch)
+    return starts
+
+
+def make_predict_fn_3d(model, patch):
+    """A compiled function (x [N, h, w, d, 1], modality) -> softmax [N, h, w, d, C]."""
+    fns = {}
+
+    def for_modality(modality):
+        if modality not in fns:
+            @tf.function(input_signature=[tf.TensorSpec([None] + list(patch) + [1],
+                                                        tf.float32)])
+            def predict(x):
+                logits = model(x, modalities=(modality,), training=False)
+                return tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
+            fns[modality] = predict
+        return fns[modality]
+
+    return for_modality
+
+
+def predict_volume_3d(predict_fn, modality: str, image_hwd: np.ndarray, patch, n_class: int,
+                      stride_d: int | None = None, batch_size: int = 1) -> np.ndarray:
+    """Label map [H, W, D] by sliding patches over the whole volume, softmax averaged.
+
+    Depth windows step by ``stride_d`` (default: half a patch); in-plane windows tile with
+    half-patch overlap when the volume is larger than the patch; volumes smaller than the
+    patch are zero-padded (edge-replicated) and cropped back.
+    """
+    ph, pw, pd = patch
+    h, w, d = image_hwd.shape
+    pad = [(0, max(0, ph - h)), (0, max(0, pw - w)), (0, max(0, pd - d))]
+    img = np.pad(image_hwd.astype(np.float32), pad, mode="edge")
+    H, W, D = img.shape
+    stride_d = stride_d or max(1, pd // 2)
+    probs = np.zeros((H, W, D, n_class), np.float32)
+    counts = np.zeros((H, W, D, 1), np.float32)
+    windows = [(i, j, k) for i in window_starts(H, ph, ph // 2)
+               for j in window_starts(W, pw, pw // 2) for k in window_starts(D, pd, stride_d)]
+    fn = predict_fn(modality)
+    for b in range(0, len(windows), batch_size):
+        chunk = windows[b:b + batch_size]
+        x = np.stack([img[i:i + ph, j:j + pw, k:k + pd] for i, j, k in chunk])[..., None]
+        p = fn(tf.constant(x)).numpy()
+        for (i, j, k), pi in zip(chunk, p):
+            probs[i:i + ph, j:j + pw, k:k + pd] += pi
+            counts[i:i + ph, j:j + pw, k:k + pd] += 1.0
+    labels = np.argmax(probs / counts, axis=-1).astype(np.int32)
+    return labels[:h, :w, :d]
+
+
+# ---------------------------------------------------------------------- evaluation
+def load_test_volumes(list_path: str, npz_flip: bool = True) -> list[tuple[Volume, dict | None]]:
+    """Volumes of a test list with their dataset.json record (None when there is none).
+
+    dataset.json is looked up next to the list file and in its parent folder (the layout
+    written by data/prepare.py).
+    """
+    records = {}
+    base = os.path.dirname(os.path.abspath(list_path))
+    for folder in (base, os.path.dirname(base)):
+        path = os.path.join(folder, DATASET_JSON)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as handle:
+                info = json.load(handle)
+            records = {c["name"]: c for c in info.get("cases", []) if "name" in c}
+            break
+    return [(v, records.get(v.name)) for v in
+            (load_volume(e, npz_flip=npz_flip) for e in read_list(list_path))]
+
+
+def _save_nifti(path: str, labels: np.ndarray, affine) -> None:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(labels.astype(np.uint8), affine if affine is not None else np.eye(4))
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    tmp = path + ".partial.nii.gz"
+    nib.save(img, tmp)
+    os.replace(tmp, path)
+
+
+def _save_in_original_geometry(path: str, labels: np.ndarray, record: dict) -> None:
+    import nibabel as nib
+    from lib.prep import restore_prediction
+
+    img = restore_prediction(labels, record)
+    tmp = path + ".partial.nii.gz"
+    nib.save(img, tmp)
+    os.replace(tmp, path)
+
+
+def evaluate(predict, test_lists: dict, class_names: list[str], output_path: str,
+             checkpoint: str, log=print, npz_flip: bool = True,
+             log_path: str | None = None) -> dict:
+    """Predict every test volume of every modality, score it and write the results.
+
+    predict(modality, image [H, W, D]) -> labels [H, W, D]; test_lists maps modality ->
+    list file; class_names are the names of classes 1..C-1. Returns the metrics.json dict.
+    """
+    results_dir = os.path.join(output_path, "results")
+    pred_dir = os.path.join(results_dir, "predictions")
+    fig_dir = os.path.join(results_dir, "figures")
+    os.makedirs(pred_dir, exist_ok=True)
+    os.makedirs(fig_dir, exist_ok=True)
+    classes = {c: name for c, name in enumerate(class_names, start=1)}
+    n_class = len(class_names) + 1
+    report = {"checkpoint": checkpoint, "classes": list(class_names)}
+    for modality, list_path in test_lists.items():
+        cases, shown = [], False
+        for volume, record in load_test_volumes(list_path, npz_flip=npz_flip):
+            t0 = time.time()
+            pred = predict(modality, volume.image)
+            case = {"case": volume.name,
+                    **metrics.evaluate_case(pred, volume.label, volume.spacing, classes)}
+            cases.append(case)
+            stem = os.path.join(pred_dir, volume.name)
+            if record is not None:
+                _save_in_original_geometry(stem + "_pred.nii.gz", pred, record)
+                _save_in_original_geometry(stem + "_gt.nii.gz", volume.label, record)
+            else:
+                _save_nifti(stem + "_pred.nii.gz", pred, volume.affine)
+                _save_nifti(stem + "_gt.nii.gz", volume.label, volume.affine)
+            if not shown:
+                figures.slice_grid(os.path.join(fig_dir, f"{modality}_slices.png"),
+                                   volume.image, volume.label, pred, n_class, class_names,
+                                   title=f"{modality.upper()} {volume.name}")
+                shown = True
+            log(f"  {modality} {volume.name}: Dice " + ", ".join(
+                f"{k} {v:.3f}" for k, v in case["dice"].items())
+                + f" ({time.time() - t0:.1f} s)")
+        report[modality] = {**metrics.summarize(cases, classes), "cases": cases}
+    modality_results = {m: report[m] for m in test_lists}
+    metrics.write_metrics_csv(os.path.join(results_dir, "metrics.csv"), modality_results)
+    figures.dice_boxplot(os.path.join(fig_dir, "dice_boxplot.png"), modality_results,
+                         class_names)
+    if log_path and os.path.exists(log_path):
+        figures.training_curves(os.path.join(fig_dir, "training_curves.png"), log_path)
+    tmp = os.path.join(results_dir, "metrics.json.partial")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(metrics.to_jsonable(report), handle, indent=2, allow_nan=False)
+    os.replace(tmp, os.path.join(results_dir, "metrics.json"))
+    log(metrics.format_table(modality_results, classes))
+    log(f"results written to {results_dir}")
+    return report

@@ -1,0 +1,119 @@
+"""Losses of UMMKD, written once for 2D and 3D.
+
+Logits are [B, *spatial, C] (2D: [B, H, W, C]; 3D: [B, H, W, D, C]); labels are integer
+class ids [B, *spatial]. Every sum runs over the whole batch and all spatial positions, as
+in the paper's code, so Dice and the class weights are statistics of the batch, not means
+of per-image values. All losses are computed in float32, whatever the compute precision.
+
+The Dice core ``dice_per_class`` is shared with the batch Dice metric that training logs:
+with one-hot predictions p**2 == p, so the same formula gives the hard Dice.
+"""
+from __future__ import annotations
+
+import tensorflow as tf
+
+DICE_EPS = 1e-7
+CE_CLIP = 0.005
+KD_COUNT_EPS = 1e-6
+
+
+def _spatial_axes(x):
+    """All axes but the last: batch and spatial positions."""
+    return list(range(x.shape.rank - 1))
+
+
+def dice_per_class(probs, onehot, square_probs: bool = True):
+    """[C] Dice per class: 2 sum(p y) / (sum(p^2) + sum(y) + eps), sums over batch and space."""
+    axes = _spatial_axes(probs)
+    intersection = tf.reduce_sum(probs * onehot, axes)
+    p_sum = tf.reduce_sum(tf.square(probs) if square_probs else probs, axes)
+    y_sum = tf.reduce_sum(onehot, axes)
+    return 2.0 * intersection / (p_sum + y_sum + DICE_EPS)
+
+
+def dice_loss(probs, onehot):
+    """-(1/C) sum_c Dice_c, background included, p squared in the denominator. Range [-1, 0]."""
+    return -tf.reduce_mean(dice_per_class(probs, onehot, square_probs=True))
+
+
+def class_weights(onehot):
+    """[C] w_c = 1 - sum(y_c) / sum(y): rarer classes weigh more; from the current batch."""
+    counts = tf.reduce_sum(onehot, _spatial_axes(onehot))
+    return 1.0 - counts / tf.reduce_sum(counts)
+
+
+def weighted_cross_entropy(probs, onehot):
+    """Mean over pixels of sum_c -w_c y_c log(clip(p_c, 0.005, 1))."""
+    w = class_weights(onehot)
+    log_p = tf.math.log(tf.clip_by_value(probs, CE_CLIP, 1.0))
+    return tf.reduce_mean(tf.reduce_sum(-w * onehot * log_p, axis=-1))
+
+
+def class_mean_logits(logits, onehot):
+    """[C, C]: row c is the mean logit vector over the pixels whose ground truth is c."""
+    axes = _spatial_axes(logits)
+    flat_logits = tf.reshape(logits, [-1, logits.shape[-1]])
+    flat_onehot = tf.reshape(onehot, [-1, onehot.shape[-1]])
+    sums = tf.matmul(flat_onehot, flat_logits, transpose_a=True)  # [C(gt), C(logit)]
+    counts = tf.reduce_sum(onehot, axes)[:, None]
+    return sums / (counts + KD_COUNT_EPS)
+
+
+def kd_loss(logits_a, onehot_a, logits_b, onehot_b, temperature: float = 2.0):
+    """Symmetric KL between the class-wise soft predictions of two modalities.
+
+    For each class c: q_c(m) = softmax(z_c(m) / T), z_c(m) the mean logits of modality m over
+    its pixels of class c; loss_c = (KL(q_c(a)||q_c(b)) + KL(q_c(b)||q_c(a))) / 2;
+    returns the mean over c. Gradients flow into both modalities.
+    """
+    log_qa = tf.nn.log_softmax(class_mean_logits(logits_a, onehot_a) / temperature, axis=-1)
+    log_qb = tf.nn.log_softmax(class_mean_logits(logits_b, onehot_b) / temperature, axis=-1)
+    qa, qb = tf.exp(log_qa), tf.exp(log_qb)
+    kl_ab = tf.reduce_sum(qa * (log_qa - log_qb), axis=-1)
+    kl_ba = tf.reduce_sum(qb * (log_qb - log_qa), axis=-1)
+    return tf.reduce_mean((kl_ab + kl_ba) / 2.0)
+
+
+def l2_penalty(kernels):
+    """sum over kernels of sum(w^2)/2 (convolution kernels only, never BN parameters)."""
+    return tf.add_n([tf.nn.l2_loss(tf.cast(k, tf.float32)) for k in kernels])
+
+
+def segmentation_terms(logits, labels, n_class: int):
+    """Per-modality terms: dict with probs, onehot, dice (loss), ce and per-class batch Dice."""
+    logits = tf.cast(logits, tf.float32)
+    onehot = tf.one_hot(labels, n_class, dtype=tf.float32)
+    probs = tf.nn.softmax(logits, axis=-1)
+    hard = tf.one_hot(tf.argmax(logits, axis=-1), n_class, dtype=tf.float32)
+    return {"logits": logits, "onehot": onehot, "dice": dice_loss(probs, onehot),
+            "ce": weighted_cross_entropy(probs, onehot),
+            "batch_dice": dice_per_class(hard, onehot, square_probs=False)}
+
+
+def total_loss(logits_by_modality: dict, labels_by_modality: dict, kernels, *, n_class: int,
+               miu_dice: float = 1.0, miu_ce: float = 1.0, miu_kd: float = 0.5,
+               miu_l2: float = 1e-4, temperature: float = 2.0):
+    """The UMMKD objective and its terms.
+
+    Total = miu_dice * sum_m dice_m + miu_ce * sum_m ce_m + miu_kd * KD + miu_l2 * L2, with
+    KD between the first two modalities (mr, ct). Returns (total, terms) where terms maps
+    "<modality>_dice", "<modality>_ce", "<modality>_batch_dice" ([C]), "kd", "l2".
+    """
+    terms, per = {}, {}
+    for m, logits in logits_by_modality.items():
+        per[m] = segmentation_terms(logits, labels_by_modality[m], n_class)
+        terms[f"{m}_dice"] = per[m]["dice"]
+        terms[f"{m}_ce"] = per[m]["ce"]
+        terms[f"{m}_batch_dice"] = per[m]["batch_dice"]
+    total = tf.add_n([miu_dice * per[m]["dice"] + miu_ce * per[m]["ce"] for m in per])
+    mods = list(per)
+    if miu_kd > 0 and len(mods) >= 2:
+        a, b = per[mods[0]], per[mods[1]]
+        terms["kd"] = kd_loss(a["logits"], a["onehot"], b["logits"], b["onehot"], temperature)
+        total += miu_kd * terms["kd"]
+    else:
+        terms["kd"] = tf.constant(0.0)
+    terms["l2"] = l2_penalty(kernels) if kernels else tf.constant(0.0)
+    total += miu_l2 * terms["l2"]
+    terms["total"] = total
+    return total, terms

@@ -1,0 +1,131 @@
+"""``train_and_evaluate(config, network)``: the whole run behind every entry script.
+
+The entry scripts (main_combine.py for 2D, 3d_implementation/main.py and test.py for 3D)
+only hold their settings and a ``Network`` description: how to build the model, how to
+make the training batches and how to predict a test volume. Everything else (output
+folder checks, checkpoints and resuming, the training loop, the test phase) lives here and
+is the same for both.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import tensorflow as tf
+
+from lib.config import ConfigError, load_config
+from lib.data import DataError
+from lib.runtime import get_logger, setup_runtime
+from lib.train import (CONFIG_FILE, LOG_FILE, NETWORK_KEYS, Trainer, TrainingError,
+                       config_differences, prepare_output)
+
+MODALITY_LISTS = {"mr": ("SOURCE_TRAIN_LIST", "SOURCE_VAL_LIST", "SOURCE_TEST_LIST"),
+                  "ct": ("TARGET_TRAIN_LIST", "TARGET_VAL_LIST", "TARGET_TEST_LIST")}
+
+
+@dataclass
+class Network:
+    """What differs between the 2D and the 3D variant."""
+    name: str
+    build_model: Callable        # config -> built Keras model
+    train_datasets: Callable     # (config, lists {m: train list}, val lists) -> (train, val)
+    predictor: Callable          # (model, config) -> predict(modality, image_hwd) -> labels
+    prepare_data: Callable | None = None  # config -> None: create demo data if needed
+
+
+def resolve_paths(config: dict, root: str) -> dict:
+    """Relative paths in the settings are relative to the repository root."""
+    out = dict(config)
+    for key, value in config.items():
+        if isinstance(value, str) and value and (key.endswith("_LIST") or key.endswith("_PATH")
+                                                 or key == "TEST_MODEL"):
+            out[key] = value if os.path.isabs(value) else os.path.normpath(
+                os.path.join(root, value))
+    return out
+
+
+def _restore_for_test(model, config: dict, prefix: str | None, output_path: str, logger):
+    """Restore the model weights of a checkpoint prefix (default: the run's latest)."""
+    if not prefix:
+        prefix = tf.train.latest_checkpoint(os.path.join(output_path, "checkpoints"))
+        if not prefix:
+            raise ConfigError(f"{output_path}: no checkpoint to test; train first or set "
+                              "--test_model=PREFIX")
+    if not os.path.exists(prefix + ".index"):
+        raise ConfigError(f"TEST_MODEL: checkpoint {prefix} does not exist "
+                          f"(no {os.path.basename(prefix)}.index)")
+    saved_cfg = os.path.join(os.path.dirname(os.path.dirname(prefix)), CONFIG_FILE)
+    if os.path.exists(saved_cfg):
+        diffs = config_differences(load_config(saved_cfg), config, NETWORK_KEYS)
+        if diffs:
+            raise ConfigError(f"TEST_MODEL: {prefix} was saved with another network: "
+                              + "; ".join(diffs))
+    status = tf.train.Checkpoint(model=model).restore(prefix).expect_partial()
+    try:
+        status.assert_existing_objects_matched()
+    except AssertionError as err:
+        raise ConfigError(f"TEST_MODEL: {prefix} does not match this network ({err})") from None
+    logger.info(f"testing checkpoint {prefix}")
+    return prefix
+
+
+def train_and_evaluate(config: dict, network: Network) -> dict | None:
+    """Train and/or test as PHASE says; returns the metrics.json content of a test phase."""
+    phase = config["PHASE"]
+    if phase not in ("train", "test", "train_test"):
+        raise ConfigError(f"PHASE: expected train, test or train_test, got {phase!r}")
+    output_path = config["OUTPUT_PATH"]
+    if len(config["CLASS_NAMES"]) != config["N_CLASS"] - 1:
+        raise ConfigError(f"CLASS_NAMES: {len(config['CLASS_NAMES'])} names for N_CLASS="
+                          f"{config['N_CLASS']} (expected N_CLASS - 1 names, background excluded)")
+    precision = setup_runtime(config)
+    if network.prepare_data is not None:
+        network.prepare_data(config)
+    lists = {m: {k: config[key] for k, key in zip(("train", "val", "test"), keys)}
+             for m, keys in MODALITY_LISTS.items()}
+    if phase in ("train", "train_test"):
+        prepare_output(config, output_path, print)
+    logger = get_logger(output_path if phase != "test" else None)
+    logger.info(f"{network.name}: preset {config.get('PRESET')}, scheme {config['SCHEME']}, "
+                f"precision {precision}, output {output_path}")
+    model = network.build_model(config)
+    n_params = sum(int(v.shape.num_elements()) for v in model.trainable_variables)
+    logger.info(f"trainable parameters: {n_params:,}")
+    checkpoint = config.get("TEST_MODEL") or None
+    if phase in ("train", "train_test"):
+        train, val = network.train_datasets(
+            config, {m: lists[m]["train"] for m in lists},
+            {m: lists[m]["val"] for m in lists if lists[m]["val"]})
+        trainer = Trainer(config, model, output_path, logger)
+        trainer.restore()
+        checkpoint = trainer.fit(train, val)
+    if phase == "train":
+        return None
+    checkpoint = _restore_for_test(model, config, checkpoint, output_path, logger)
+    from lib.evaluate import evaluate
+
+    predict = network.predictor(model, config)
+    return evaluate(predict, {m: lists[m]["test"] for m in lists}, config["CLASS_NAMES"],
+                    output_path, checkpoint, log=logger.info,
+                    npz_flip=config.get("NPZ_FLIP", True),
+                    log_path=os.path.join(output_path, LOG_FILE))
+
+
+def main(namespace: dict, network_factory: Callable, argv=None, presets=None, types=None,
+         root: str | None = None) -> int:
+    """Entry-script main: resolve settings, run, turn known errors into one line + exit 2."""
+    from lib.config import resolve
+
+    try:
+        config = resolve(namespace, argv, presets, types)
+        config = resolve_paths(config, root or os.getcwd())
+        train_and_evaluate(config, network_factory())
+    except (ConfigError, DataError, TrainingError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: a checkpoint was written; run again to resume", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,312 @@
+"""The training loop shared by the 2D and the 3D network.
+
+Each step draws one batch per modality (independent shuffles: the data are unpaired),
+runs both through the network as one concatenated batch (shared kernels see both, each
+modality's BN sees its own half), and makes one Adam update on the UMMKD objective
+(lib/losses.py). Checkpoints, TensorBoard summaries, a text log and a JSON-lines log (for
+the figures) are written under OUTPUT_PATH; a run restarted on the same OUTPUT_PATH with
+the same configuration resumes from its latest checkpoint at its step.
+
+The network only has to follow the calling convention of lib/layers.py:
+``model(x, modalities=("mr", "ct"), training=True) -> logits``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from lib import losses
+from lib.config import ConfigError, load_config, save_config
+from lib.layers import MODALITIES, conv_kernels
+from lib.runtime import get_logger, launch_tensorboard
+
+CONFIG_FILE = "config.json"
+LOG_FILE = "log.jsonl"
+# Settings that may change between a run and its resumption without changing the run.
+RESUMABLE_KEYS = {"PHASE", "NUM_STEPS", "TEST_MODEL", "TENSORBOARD_PORT", "DISPLAY_STEP",
+                  "CHECKPOINT_SPACE", "SUMMARY_STEP", "KEEP_CHECKPOINTS", "PRESET",
+                  "SOURCE_TEST_LIST", "TARGET_TEST_LIST", "TEST_BATCH", "TEST_STRIDE",
+                  "RESUME", "START_OVER", "CHECK_DATA", "PROGRESS", "NPZ_FLIP",
+                  "DATASET_JSON_SOURCE", "DATASET_JSON_TARGET", "SOURCE_VAL_LIST",
+                  "TARGET_VAL_LIST", "OUTPUT_PATH"}
+# Settings that define the network: a checkpoint only fits a network with the same ones.
+NETWORK_KEYS = ("NETWORK", "N_CLASS", "FEATURE_BASE", "SCHEME")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (for example a NaN loss); the message names the step."""
+
+
+def learning_rate_schedule(config: dict):
+    """LEARNING_RATE multiplied by LR_DECAY every LR_DECAY_STEPS steps (staircase)."""
+    return keras.optimizers.schedules.ExponentialDecay(
+        config["LEARNING_RATE"], config.get("LR_DECAY_STEPS", 1000),
+        config.get("LR_DECAY", 0.95), staircase=True)
+
+
+def make_optimizer(config: dict, model) -> keras.optimizers.Optimizer:
+    optimizer = keras.optimizers.Adam(learning_rate_schedule(config))
+    if config.get("PRECISION") == "fp16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    # Create the slot variables now so that a checkpoint restores them immediately.
+    optimizer.build(model.trainable_variables)
+    return optimizer
+
+
+def config_differences(saved: dict, config: dict, keys=None) -> list[str]:
+    """Human-readable differences between two configurations (all keys or ``keys``)."""
+    names = keys if keys is not None else sorted(set(saved) | set(config))
+    diffs = []
+    for key in names:
+        if keys is None and key in RESUMABLE_KEYS:
+            continue
+        if saved.get(key) != config.get(key):
+            diffs.append(f"{key}={saved.get(key)!r} there, {config.get(key)!r} now")
+    return diffs
+
+
+class Trainer:
+    """Owns the model, optimizer, checkpoints and the compiled training step."""
+
+    def __init__(self, config: dict, model, output_path: str, logger=None):
+        self.config = config
+        self.model = model
+        self.output_path = output_path
+        self.logger = logger or get_logger(output_path)
+        self.n_class = config["N_CLASS"]
+        self.modalities = MODALITIES
+        self.class_names = list(config.get("CLASS_NAMES") or
+                                [f"class{c}" for c in range(1, self.n_class)])
+        self.optimizer = make_optimizer(config, model)
+        self.kernels = conv_kernels(model)
+        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=self.optimizer)
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, os.path.join(output_path, "checkpoints"),
+            max_to_keep=config.get("KEEP_CHECKPOINTS", 5), checkpoint_name="model")
+        self.loss_kwargs = dict(
+            n_class=self.n_class, miu_dice=config["MIU_SEG_DICE"], miu_ce=config["MIU_SEG_CE"],
+            miu_kd=config["MIU_KD"] if config.get("USE_KD", True) else 0.0,
+            miu_l2=config["MIU_SEG_L2_NORM"], temperature=config["KD_TEMPERATURE"])
+        self.traces = 0
+        self.train_step = tf.function(self._train_step, reduce_retracing=True)
+        self.eval_step = tf.function(self._eval_step, reduce_retracing=True)
+
+    @property
+    def step(self) -> int:
+        return int(self.optimizer.iterations.numpy())
+
+    # ------------------------------------------------------------------ compiled steps
+    def _forward(self, images: dict, labels: dict, training: bool):
+        x = tf.concat([images[m] for m in self.modalities], axis=0)
+        logits = self.model(x, modalities=self.modalities, training=training)
+        parts = tf.split(logits, len(self.modalities), axis=0)
+        logits = dict(zip(self.modalities, parts))
+        total, terms = losses.total_loss(logits, labels, self.kernels, **self.loss_kwargs)
+        return total, terms, logits
+
+    def _train_step(self, images: dict, labels: dict):
+        self.traces += 1  # Python side effect: counts traces, not steps
+        with tf.GradientTape() as tape:
+            total, terms, _ = self._forward(images, labels, training=True)
+            scaled = (self.optimizer.scale_loss(total)
+                      if hasattr(self.optimizer, "scale_loss") else total)
+        variables = self.model.trainable_variables
+        grads = tape.gradient(scaled, variables)
+        self.optimizer.apply_gradients(zip(grads, variables))
+        return terms
+
+    def _eval_step(self, images: dict, labels: dict):
+        _, terms, logits = self._forward(images, labels, training=False)
+        preds = {m: tf.argmax(logits[m], axis=-1, output_type=tf.int32) for m in logits}
+        return terms, preds
+
+    # ------------------------------------------------------------------ checkpoints
+    def restore(self, prefix: str | None = None) -> int:
+        """Restore ``prefix`` or the latest checkpoint of this run; returns the step."""
+        prefix = prefix or self.manager.latest_checkpoint
+        if prefix:
+            self.checkpoint.restore(prefix).assert_existing_objects_matched()
+            self.logger.info(f"resumed from {prefix} at step {self.step}")
+        return self.step
+
+    def save(self) -> str:
+        path = self.manager.save(checkpoint_number=self.step)
+        self.logger.info(f"checkpoint {path}")
+        return path
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, train_data, val_data=None, num_steps: int | None = None) -> str | None:
+        """Train until NUM_STEPS; ``train_data``/``val_data`` yield ({m: x}, {m: y}) pairs."""
+        cfg = self.config
+        num_steps = cfg["NUM_STEPS"] if num_steps is None else num_steps
+        display, summary_every = cfg["DISPLAY_STEP"], cfg.get("SUMMARY_STEP", 10)
+        ckpt_every = cfg["CHECKPOINT_SPACE"]
+        writers = {k: tf.summary.create_file_writer(os.path.join(self.output_path, "logs", k))
+                   for k in ("train", "val")}
+        tb = None
+        if cfg.get("TENSORBOARD_PORT"):
+            tb = launch_tensorboard(os.path.join(self.output_path, "logs"),
+                                    cfg["TENSORBOARD_PORT"], self.logger)
+        train_iter = iter(train_data)
+        val_iter = iter(val_data) if val_data is not None else None
+        start = self.step
+        if start >= num_steps:
+            self.logger.info(f"already trained to step {start} (NUM_STEPS={num_steps})")
+            return self.manager.latest_checkpoint
+        self.logger.info(f"training steps {start}..{num_steps} of {type(self.model).__name__}")
+        bar = _progress(start, num_steps, cfg.get("PROGRESS", True))
+        log_path = os.path.join(self.output_path, LOG_FILE)
+        t0, last = time.time(), None
+        try:
+            with open(log_path, "a", encoding="utf-8") as log_file:
+                while self.step < num_steps:
+                    images, labels = next(train_iter)
+                    terms = self.train_step(images, labels)
+                    step = self.step
+                    total = float(terms["total"])
+                    if not math.isfinite(total):
+                        raise TrainingError(
+                            f"step {step}: the loss is {total}; stopped. Checkpoints written "
+                            f"before this step are intact in {self.manager.directory}")
+                    record = None
+                    if step % summary_every == 0 or step == num_steps:
+                        record = self._summaries(writers["train"], step, terms, "train")
+                    if val_iter is not None and (step % display == 0 or step == num_steps):
+                        v_images, v_labels = next(val_iter)
+                        v_terms, v_preds = self.eval_step(v_images, v_labels)
+                        v_record = self._summaries(writers["val"], step, v_terms, "val")
+                        self._image_summaries(writers["train"], step, images, labels,
+                                              self.eval_step(images, labels)[1], "train")
+                        self._image_summaries(writers["val"], step, v_images, v_labels,
+                                              v_preds, "val")
+                        record = {**(record or {"step": step}), **v_record}
+                        self.logger.info(_format_record(record))
+                    if record is not None:
+                        log_file.write(json.dumps(record) + "\n")
+                        log_file.flush()
+                    if step % ckpt_every == 0 and step < num_steps:
+                        self.save()
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{total:.3f}")
+                    last = total
+            path = self.save()
+        except KeyboardInterrupt:
+            bar.close()
+            self.logger.info(f"interrupted at step {self.step}: writing a checkpoint")
+            self.save()
+            raise
+        finally:
+            bar.close()
+            for w in writers.values():
+                w.close()
+            if tb is not None:
+                tb.terminate()
+        elapsed = time.time() - t0
+        self.logger.info(f"trained {num_steps - start} steps in {elapsed:.0f} s, last loss "
+                         f"{last:.4f}, traces of the step function: {self.traces}")
+        return path
+
+    def _summaries(self, writer, step: int, terms: dict, split: str) -> dict:
+        record = {"step": step}
+        with writer.as_default(step=step):
+            for key, value in terms.items():
+                if key.endswith("batch_dice"):
+                    m = key.split("_")[0]
+                    dice = value.numpy()
+                    for c, name in enumerate(self.class_names, start=1):
+                        tf.summary.scalar(f"dice/{m}/{name}", dice[c])
+                    record[f"{split}/{m}_dice_mean"] = float(np.mean(dice[1:]))
+                    tf.summary.scalar(f"dice/{m}/mean_foreground", np.mean(dice[1:]))
+                else:
+                    tf.summary.scalar(f"loss/{key}", value)
+                    if split == "train":
+                        record[f"loss/{key}"] = float(value)
+            if split == "train":
+                lr = float(self.optimizer.learning_rate)
+                tf.summary.scalar("learning_rate", lr)
+                record["lr"] = lr
+        return record
+
+    def _image_summaries(self, writer, step, images, labels, preds, split):
+        with writer.as_default(step=step):
+            for m in self.modalities:
+                tf.summary.image(f"{m}/image", _middle_slice_image(images[m]), step,
+                                 max_outputs=2)
+                tf.summary.image(f"{m}/ground_truth", _label_image(labels[m], self.n_class),
+                                 step, max_outputs=2)
+                tf.summary.image(f"{m}/prediction", _label_image(preds[m], self.n_class),
+                                 step, max_outputs=2)
+
+
+# ---------------------------------------------------------------------- helpers
+def _progress(start, total, enabled):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, dynamic_ncols=True,
+                mininterval=1.0, desc="train")
+
+
+def _format_record(record: dict) -> str:
+    keys = [k for k in record if k != "step"]
+    return f"step {record['step']}: " + ", ".join(f"{k}={record[k]:.4f}" for k in keys)
+
+
+def _middle(x):
+    """[B, H, W(, D)] -> [B, H, W]: the middle depth slice of 3D inputs."""
+    return x[..., x.shape[-1] // 2] if x.shape.rank == 4 else x
+
+
+def _middle_slice_image(images):
+    """Input batch -> [B, H, W, 1] in [0, 1]: the middle of the 3 slices (2D) or depth (3D)."""
+    x = tf.cast(images, tf.float32)
+    x = x[..., 0] if x.shape[-1] == 1 else x[..., x.shape[-1] // 2]
+    x = _middle(x)
+    lo = tf.reduce_min(x, axis=[1, 2], keepdims=True)
+    hi = tf.reduce_max(x, axis=[1, 2], keepdims=True)
+    return ((x - lo) / (hi - lo + 1e-6))[..., None]
+
+
+_PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
+                     [245, 130, 48], [145, 30, 180], [70, 240, 240], [240, 50, 230]],
+                    np.float32) / 255.0
+
+
+def _label_image(labels, n_class):
+    """[B, H, W(, D)] class ids -> [B, H, W, 3] colours."""
+    palette = tf.constant(np.resize(_PALETTE, (max(n_class, 1), 3)))
+    return tf.gather(palette, tf.clip_by_value(_middle(tf.cast(labels, tf.int32)), 0,
+                                               n_class - 1))
+
+
+def prepare_output(config: dict, output_path: str, logger) -> None:
+    """Check OUTPUT_PATH against the configuration, then save the configuration there.
+
+    A run of the same configuration is resumed; a run of a different one is refused
+    unless START_OVER (the old run is moved aside, never deleted) or RESUME (continue it
+    with the new settings) is set.
+    """
+    path = os.path.join(output_path, CONFIG_FILE)
+    if os.path.exists(path):
+        saved = load_config(path)
+        diffs = config_differences(saved, config)
+        if diffs and config.get("START_OVER"):
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            moved = f"{output_path.rstrip(os.sep)}.old-{stamp}"
+            os.replace(output_path, moved)
+            logger.info(f"START_OVER: moved the previous run to {moved}")
+        elif diffs and not config.get("RESUME"):
+            raise ConfigError(f"{output_path}: holds a run of a different configuration ("
+                              + "; ".join(diffs) + "); set --resume=true to continue it or "
+                              "--start_over=true to move it aside and start again")
+        elif diffs:
+            net = config_differences(saved, config, NETWORK_KEYS)
+            if net:
+                raise ConfigError(f"{output_path}: cannot resume a different network ("
+                                  + "; ".join(net) + ")")
+    save_config(config, os.path.join(output_path, CONFIG_FILE))

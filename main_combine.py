@@ -1,0 +1,116 @@
+"""UMMKD 2D: train one dilated residual network on unpaired MR and CT, then test it.
+
+Edit the settings below, or override any of them on the command line as --name=value
+(names are case-insensitive), for example:
+
+    python main_combine.py                                   # demo: phantom data, ~10 min CPU
+    python main_combine.py --preset=paper                    # the paper's 2D setting (GPU)
+    python main_combine.py --phase=test --test_model=output/2d_demo/checkpoints/model-1200
+
+The chosen PRESET fills in the settings it lists (see PRESETS below) over the values
+written here; command-line overrides come last. PRESET "custom" uses the values as written.
+Relative paths are relative to this file's folder.
+"""
+import os
+import sys
+
+# --- what to run
+PRESET = "demo"              # "demo" | "paper" | "custom" (values below as written)
+PHASE = "train_test"         # "train", "test" or "train_test"
+OUTPUT_PATH = "output/2d_paper"  # checkpoints, logs, config.json and results/ go here
+TEST_MODEL = ""              # checkpoint prefix to test; empty = latest of OUTPUT_PATH
+RESUME = False               # continue a run in OUTPUT_PATH even if its settings differ
+START_OVER = False           # move a different run in OUTPUT_PATH aside and start again
+
+# --- data (list files: one TFRecord per line for training, image,label or .npz for test)
+SOURCE_TRAIN_LIST = "data/released/lists/mr_train_list"  # MR (source) training slices
+SOURCE_VAL_LIST = "data/released/lists/mr_val_list"      # MR validation slices
+TARGET_TRAIN_LIST = "data/released/lists/ct_train_list"  # CT (target) training slices
+TARGET_VAL_LIST = "data/released/lists/ct_val_list"      # CT validation slices
+SOURCE_TEST_LIST = "data/released/lists/mr_test_list"    # MR test volumes
+TARGET_TEST_LIST = "data/released/lists/ct_test_list"    # CT test volumes
+NPZ_FLIP = True              # flip axes 0 and 1 of .npz test volumes (the original's layout)
+AUGMENT = False              # on-the-fly rotation/scale/shift/intensity augmentation
+CLASS_NAMES = ["lv_myo", "la_blood", "lv_blood", "aa"]  # names of classes 1..N_CLASS-1
+
+# --- network
+IMAGE_SIZE = 256             # input height and width (a multiple of 8)
+N_CLASS = 5                  # classes including background
+FEATURE_BASE = 16            # f: channels of the first stage
+SCHEME = "ummkd"             # sharing scheme: ummkd, separate_bn, joint, individual, y_shape, x_shape
+DROPOUT = 0.25               # dropout rate after each convolution (training only)
+
+# --- optimisation
+BATCH_SIZE = 8               # slices per modality per step
+NUM_STEPS = 150000           # training steps
+LEARNING_RATE = 1e-3         # Adam learning rate at step 0
+LR_DECAY = 0.95              # learning-rate factor ...
+LR_DECAY_STEPS = 1000        # ... applied every this many steps (staircase)
+MIU_SEG_DICE = 1.0           # weight of the Dice loss (each modality)
+MIU_SEG_CE = 1.0             # weight of the weighted cross-entropy (each modality)
+MIU_KD = 0.5                 # weight of the knowledge-distillation loss
+MIU_SEG_L2_NORM = 1e-4       # weight of the L2 penalty on convolution kernels
+KD_TEMPERATURE = 2.0         # softmax temperature of the distillation loss
+PRECISION = "auto"           # "fp32", "bf16", "fp16" or "auto" (bf16 where fast, else fp32)
+
+# --- bookkeeping
+CHECKPOINT_SPACE = 300       # steps between checkpoints
+KEEP_CHECKPOINTS = 5         # most recent checkpoints kept
+DISPLAY_STEP = 500           # steps between validation batches and image summaries
+SUMMARY_STEP = 10            # steps between training scalar summaries
+TEST_BATCH = 16              # slices per forward pass at test time
+SEED = 0                     # seeds weights, dropout and data shuffling
+DETERMINISTIC = False        # TensorFlow op determinism (identical runs, slower)
+TENSORBOARD_PORT = None      # launch TensorBoard on 127.0.0.1:PORT while training
+PROGRESS = True              # show a progress bar
+
+TYPES = {"TENSORBOARD_PORT": int}  # types of settings whose constant is None
+_DEMO = "data/generated/demo"       # where the demo (phantom) data are generated
+PRESETS = {
+    "custom": {},
+    "paper": dict(OUTPUT_PATH="output/2d_paper"),
+    "demo": dict(
+        OUTPUT_PATH="output/2d_demo", IMAGE_SIZE=64, FEATURE_BASE=8, BATCH_SIZE=4,
+        NUM_STEPS=1200, LR_DECAY_STEPS=500, CHECKPOINT_SPACE=400, DISPLAY_STEP=200,
+        AUGMENT=False,
+        SOURCE_TRAIN_LIST=f"{_DEMO}/mr/train_list.txt", SOURCE_VAL_LIST=f"{_DEMO}/mr/val_list.txt",
+        TARGET_TRAIN_LIST=f"{_DEMO}/ct/train_list.txt", TARGET_VAL_LIST=f"{_DEMO}/ct/val_list.txt",
+        SOURCE_TEST_LIST=f"{_DEMO}/mr/test_list.txt", TARGET_TEST_LIST=f"{_DEMO}/ct/test_list.txt"),
+}
+
+_ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def network():
+    """The 2D variant for lib.pipeline: model, slice batches, slice-wise prediction."""
+    sys.path.insert(0, _ROOT)
+    from lib.data import slice_training_data
+    from lib.evaluate import make_predict_fn_2d, predict_volume_2d
+    from lib.pipeline import Network
+    from model_2d import build_model
+
+    def datasets(config, train_lists, val_lists):
+        augment = None
+        if config["AUGMENT"]:
+            from lib.prep import make_augment
+            augment = make_augment(seed=config["SEED"])
+        return slice_training_data(config, train_lists, val_lists, augment)
+
+    def predictor(model, config):
+        fn = make_predict_fn_2d(model, config["IMAGE_SIZE"])
+        return lambda m, image: predict_volume_2d(fn, m, image, config["IMAGE_SIZE"],
+                                                  config["TEST_BATCH"])
+
+    def prepare_data(config):
+        if config.get("PRESET") == "demo":
+            from data.demo import ensure_demo_data
+            ensure_demo_data(os.path.join(_ROOT, _DEMO), config["IMAGE_SIZE"], config["SEED"])
+
+    return Network("UMMKD 2D", build_model, datasets, predictor, prepare_data)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, _ROOT)
+    from lib.pipeline import main
+
+    sys.exit(main(globals(), network, presets=PRESETS, types=TYPES, root=_ROOT))
