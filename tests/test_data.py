@@ -1,0 +1,123 @@
+"""Released TFRecord format (both label layouts), list files, test volumes."""
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from lib import data
+from lib.evaluate import predict_volume_2d, stack_context
+
+
+def read_back(path, image_size=None):
+    raw = next(iter(tf.data.TFRecordDataset(path)))
+    image, label = data.parse_slice(raw, image_size)
+    return image.numpy(), label.numpy()
+
+
+@pytest.mark.parametrize("layout", ["released", "single"])
+def test_tfrecord_round_trip_is_bit_exact(tmp_path, layout):
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(8, 12, 3)).astype(np.float32)
+    label = rng.integers(0, 5, (8, 12))
+    path = str(tmp_path / "s.tfrecords")
+    data.write_slices(path, [(image, label)], layout)
+    got_image, got_label = read_back(path)
+    assert got_image.tobytes() == image.tobytes()
+    np.testing.assert_array_equal(got_label, label)
+    ex = tf.train.Example.FromString(next(iter(tf.data.TFRecordDataset(path))).numpy())
+    f = ex.features.feature
+    assert f["lsize_dim2"].int64_list.value[0] == (3 if layout == "released" else 1)
+    assert len(f["label_vol"].bytes_list.value[0]) == 8 * 12 * (3 if layout == "released" else 1) * 4
+
+
+def test_released_layout_takes_channel_1(tmp_path):
+    """In the released files the label is [H, W, 3] and the middle slice is channel 1."""
+    lab = np.stack([np.full((4, 4), 1.0), np.full((4, 4), 2.0), np.full((4, 4), 3.0)], -1)
+    feat = lambda v: tf.train.Feature(int64_list=tf.train.Int64List(value=[v]))
+    byt = lambda b: tf.train.Feature(bytes_list=tf.train.BytesList(value=[b]))
+    ex = tf.train.Example(features=tf.train.Features(feature={
+        "dsize_dim0": feat(4), "dsize_dim1": feat(4), "dsize_dim2": feat(3),
+        "lsize_dim0": feat(4), "lsize_dim1": feat(4), "lsize_dim2": feat(1),  # as published
+        "data_vol": byt(np.zeros((4, 4, 3), np.float32).tobytes()),
+        "label_vol": byt(lab.astype(np.float32).tobytes())}))
+    path = str(tmp_path / "r.tfrecords")
+    with tf.io.TFRecordWriter(path) as w:
+        w.write(ex.SerializeToString())
+    assert np.all(read_back(path)[1] == 2)
+
+
+def test_parse_resizes_to_image_size(tmp_path):
+    label = np.zeros((8, 8), np.int64)
+    label[:4] = 3
+    path = str(tmp_path / "s.tfrecords")
+    data.write_slices(path, [(np.ones((8, 8, 3), np.float32), label)])
+    image, lab = read_back(path, image_size=4)
+    assert image.shape == (4, 4, 3) and lab.shape == (4, 4)
+    np.testing.assert_array_equal(lab[:2], 3)
+    np.testing.assert_array_equal(lab[2:], 0)
+
+
+def test_list_files_resolve_relative_paths_and_skip_blank_lines(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.tfrecords").write_bytes(b"")
+    lst = tmp_path / "lists" / "train_list"
+    lst.parent.mkdir()
+    lst.write_text("../sub/a.tfrecords\n\n  \n")
+    assert data.read_list(str(lst)) == [str(tmp_path / "sub" / "a.tfrecords")]
+    out = tmp_path / "lists" / "copy_list"
+    data.write_list(str(out), [str(tmp_path / "sub" / "a.tfrecords")])
+    assert out.read_text() == "../sub/a.tfrecords\n"
+
+
+def test_missing_and_empty_lists_name_every_file(tmp_path):
+    lst = tmp_path / "l.txt"
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.read_list(str(lst))
+    lst.write_text("\n")
+    with pytest.raises(data.DataError, match="empty"):
+        data.read_list(str(lst))
+    lst.write_text("x1.tfrecords\nx2.tfrecords\n")
+    with pytest.raises(data.DataError, match="2 listed file.*x1.tfrecords.*x2.tfrecords"):
+        data.check_list_files(str(lst))
+
+
+def test_slice_dataset_batches_and_zips_modalities(tiny_data):
+    files = data.read_list(tiny_data["mr"]["train"])
+    ds = data.slice_dataset(files, 16, 3, seed=0)
+    x, y = next(iter(ds))
+    assert x.shape == (3, 16, 16, 3) and y.shape == (3, 16, 16) and y.dtype == tf.int32
+    both = data.zip_modalities({"mr": ds, "ct": data.slice_dataset(files, 16, 3, seed=1)})
+    images, labels = next(iter(both))
+    assert set(images) == {"mr", "ct"} and labels["ct"].shape == (3, 16, 16)
+
+
+def test_npz_volume_with_flip(tmp_path):
+    img = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    lab = (img > 10).astype(np.int32)
+    path = str(tmp_path / "case_1.npz")
+    np.savez(path, np.flip(img, (0, 1)), np.flip(lab, (0, 1)))
+    vol = data.load_volume(path, npz_flip=True)
+    np.testing.assert_array_equal(vol.image, img)
+    np.testing.assert_array_equal(vol.label, lab)
+    assert vol.name == "case_1"
+
+
+def test_stack_context_replicates_edges():
+    vol = np.arange(4, dtype=np.float32)[None, None, :] * np.ones((2, 2, 1))
+    stacks = stack_context(vol)  # [D, H, W, 3]
+    assert stacks.shape == (4, 2, 2, 3)
+    assert [list(s[0, 0]) for s in stacks] == [[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 3]]
+
+
+def test_prediction_covers_every_slice():
+    """A fake network whose argmax is the middle input channel: every slice must come back."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, (8, 8, 7))
+
+    def predict_fn(modality):
+        return lambda x: tf.one_hot(tf.cast(x[..., 1], tf.int32), 3)
+
+    for batch in (1, 3, 16):
+        out = predict_volume_2d(predict_fn, "ct", labels.astype(np.float32), 8, batch)
+        np.testing.assert_array_equal(out, labels)

@@ -1,0 +1,73 @@
+"""Smoke runs of main_combine.py on tiny data: train, checkpoint, resume, test."""
+import glob
+import json
+import os
+
+import pytest
+import tensorflow as tf
+
+import main_combine
+from conftest import tiny_overrides
+from lib.pipeline import main
+
+
+def run(args):
+    return main(vars(main_combine), main_combine.network, args, main_combine.PRESETS,
+                main_combine.TYPES, main_combine._ROOT)
+
+
+def event_tags(folder):
+    tags = set()
+    for path in glob.glob(os.path.join(folder, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                tags.add((value.tag, value.metadata.plugin_data.plugin_name))
+    return tags
+
+
+def test_train_resume_and_test(tiny_data, tmp_path):
+    out = str(tmp_path / "run")
+    assert run(tiny_overrides(tiny_data, out, phase="train")) == 0
+    ckpts = os.path.join(out, "checkpoints")
+    assert tf.train.latest_checkpoint(ckpts).endswith("model-4")
+    assert os.path.exists(os.path.join(ckpts, "model-2.index"))
+    saved = json.load(open(os.path.join(out, "config.json")))
+    assert saved["NUM_STEPS"] == 4 and saved["FEATURE_BASE"] == 2
+    log = open(os.path.join(out, "train.log")).read()
+    assert "traces of the step function: 1" in log  # the step never retraces
+    tags = event_tags(os.path.join(out, "logs", "train"))
+    names = {t for t, _ in tags}
+    assert {"loss/mr_dice", "loss/ct_ce", "loss/kd", "learning_rate", "dice/mr/a"} <= names
+    assert ("mr/prediction", "images") in tags
+    assert "dice/ct/b" in {t for t, _ in event_tags(os.path.join(out, "logs", "val"))}
+
+    # A second run with more steps resumes at step 4 and continues to 6.
+    assert run(tiny_overrides(tiny_data, out, phase="train", num_steps=6)) == 0
+    log = open(os.path.join(out, "train.log")).read()
+    assert "model-4 at step 4" in log and "training steps 4..6" in log
+    assert tf.train.latest_checkpoint(ckpts).endswith("model-6")
+
+    # Test a named checkpoint: metrics.json in the documented layout.
+    prefix = os.path.join(ckpts, "model-6")
+    assert run(tiny_overrides(tiny_data, out, phase="test", test_model=prefix)) == 0
+    report = json.load(open(os.path.join(out, "results", "metrics.json")))
+    assert report["checkpoint"] == prefix and report["classes"] == ["a", "b"]
+    for m in ("mr", "ct"):
+        assert set(report[m]["dice_mean"]) == {"a", "b"}
+        assert 0.0 <= report[m]["dice_avg"] <= 1.0
+        assert report[m]["cases"][0]["case"] == f"{m}_3"
+    assert os.path.exists(os.path.join(out, "results", "predictions", "ct_3_pred.nii.gz"))
+
+
+def test_refuses_a_different_run_in_the_output_folder(tiny_data, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert run(tiny_overrides(tiny_data, out, phase="train", num_steps=2)) == 0
+    assert run(tiny_overrides(tiny_data, out, phase="train", feature_base=4)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "FEATURE_BASE=2 there, 4 now" in err
+    assert "\n" not in err
+
+
+def test_unknown_setting_exits_2(capsys):
+    assert run(["--learning_rat=0.1"]) == 2
+    assert "--learning_rat: unknown setting" in capsys.readouterr().err
