@@ -172,7 +172,7 @@ def slice_dataset(files: list[str], image_size: int, batch_size: int, *, shuffle
     """Batches (image [B, S, S, 3] float32, label [B, S, S] int32) from TFRecord files.
 
     Files are read in parallel and interleaved; shuffling is seeded so that runs repeat.
-    ``augment`` is an optional graph function (image, label, seed) -> (image, label) applied
+    ``augment`` is an optional graph function (image, label) -> (image, label) applied
     per example.
     """
     if not files:

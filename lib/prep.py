@@ -239,9 +239,6 @@ def read_case(image_path: str, label_path: str, tol: float = 1e-3) -> Case:
     one-line message naming the file.
     """
     image, img_affine, header = read_volume(image_path)
-    if not label_path.endswith(NIFTI_SUFFIXES) and not os.path.isdir(label_path):
-        if not os.path.exists(label_path):
-            raise DataError(f"{label_path}: file does not exist")
     label, lab_affine, _ = read_volume(label_path)
     if image.shape != label.shape:
         raise DataError(f"{label_path}: label shape {tuple(label.shape)} differs from image "
@@ -648,7 +645,9 @@ def restore_prediction(pred_hwd: np.ndarray, record: dict) -> nib.Nifti1Image:
 
     Undoes, in reverse order: in-plane resampling (nearest, to the crop-box size), the crop
     (outside the box is background 0), the slice-axis view and the canonical reorientation.
-    ``record`` is the case's entry of dataset.json.
+    ``record`` is the case's entry of dataset.json. When the crop box is no larger than S
+    (the prepared volume up-samples), prepared labels come back exactly: the nearest-
+    neighbour rule of ``resample_hw`` makes up- then down-sampling the identity.
     """
     pred = np.asarray(pred_hwd)
     expected = record["prepared"]["shape"]
@@ -667,13 +666,15 @@ def make_augment(rotation_deg: float = 15.0, scale=(0.9, 1.1), translate: float 
                  intensity: float = 0.1, seed: int | None = None):
     """Random in-plane affine + intensity jitter, for tf.data ``map`` (opt-in).
 
-    Returns ``augment(image [H, W, C] float32, label [H, W] int, seed=None) -> same``.
+    Returns ``augment(image [H, W, C] float32, label [H, W] int, seed=None) -> same``;
+    label may also be [H, W, C'] (several slices warped alike).
     One sampling grid per call: rotation uniform in +-rotation_deg, isotropic scale uniform
     in ``scale``, translation uniform in +-translate x size, about the image centre. The image
     is sampled bilinearly (outside -> its minimum), the label by nearest neighbour (outside
     -> 0). Intensity: image * (1 + a) + b with a, b uniform in +-intensity (z-score units).
-    With ``seed`` (int) the sequence of draws repeats; an explicit per-call ``seed`` (int64
-    [2]) makes that call deterministic whatever the order of calls (offline copies use it).
+    With ``seed`` (int) the sequence of draws repeats; with a parallel tf.data map the
+    order in which elements take those draws may still vary. An explicit per-call ``seed``
+    (int64 [2]) makes that call deterministic whatever the order (offline copies use it).
     """
     import tensorflow as tf
 
@@ -705,10 +706,12 @@ def make_augment(rotation_deg: float = 15.0, scale=(0.9, 1.1), translate: float 
             images=image[None], transforms=transform, output_shape=out_shape,
             fill_value=tf.reduce_min(image), interpolation="BILINEAR",
             fill_mode="CONSTANT")[0]
+        lab = tf.cast(label, tf.float32)
+        lab = lab[:, :, None] if label.shape.rank == 2 else lab
         lab = tf.raw_ops.ImageProjectiveTransformV3(
-            images=tf.cast(label, tf.float32)[None, :, :, None], transforms=transform,
-            output_shape=out_shape, fill_value=0.0, interpolation="NEAREST",
-            fill_mode="CONSTANT")[0, :, :, 0]
+            images=lab[None], transforms=transform, output_shape=out_shape, fill_value=0.0,
+            interpolation="NEAREST", fill_mode="CONSTANT")[0]
+        lab = lab[:, :, 0] if label.shape.rank == 2 else lab
         warped = warped * (1.0 + u[4] * intensity) + u[5] * intensity
         return tf.ensure_shape(warped, image.shape), tf.cast(tf.round(lab), label.dtype)
 
