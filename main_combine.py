@@ -15,7 +15,7 @@ import os
 import sys
 
 # --- what to run
-PRESET = "demo"              # "demo" | "paper" | "custom" (values below as written)
+PRESET = "demo"              # "demo" | "paper" | "abdomen" | "custom" (values below as written)
 PHASE = "train_test"         # "train", "test" or "train_test"
 OUTPUT_PATH = "output/2d_paper"  # checkpoints, logs, config.json and results/ go here
 TEST_MODEL = ""              # checkpoint prefix to test; empty = latest of OUTPUT_PATH
@@ -66,6 +66,7 @@ PROGRESS = True              # show a progress bar
 
 TYPES = {"TENSORBOARD_PORT": int}  # types of settings whose constant is None
 _DEMO = "data/generated/demo"       # where the demo (phantom) data are generated
+_ABDOMEN = "data/generated/abdomen"  # where README's commands prepare the real abdominal pair
 PRESETS = {
     "custom": {},
     "paper": dict(OUTPUT_PATH="output/2d_paper"),
@@ -76,6 +77,14 @@ PRESETS = {
         SOURCE_TRAIN_LIST=f"{_DEMO}/mr/train_list.txt", SOURCE_VAL_LIST=f"{_DEMO}/mr/val_list.txt",
         TARGET_TRAIN_LIST=f"{_DEMO}/ct/train_list.txt", TARGET_VAL_LIST=f"{_DEMO}/ct/val_list.txt",
         SOURCE_TEST_LIST=f"{_DEMO}/mr/test_list.txt", TARGET_TEST_LIST=f"{_DEMO}/ct/test_list.txt"),
+    "abdomen": dict(
+        OUTPUT_PATH="output/2d_abdomen", IMAGE_SIZE=64, FEATURE_BASE=8, BATCH_SIZE=4,
+        NUM_STEPS=1000, LR_DECAY_STEPS=100, CHECKPOINT_SPACE=250, DISPLAY_STEP=250,
+        CLASS_NAMES=["liver", "right_kidney", "left_kidney", "spleen"],
+        SOURCE_TRAIN_LIST=f"{_ABDOMEN}/mr_train/train_list.txt", SOURCE_VAL_LIST="",
+        TARGET_TRAIN_LIST=f"{_ABDOMEN}/ct_train/train_list.txt", TARGET_VAL_LIST="",
+        SOURCE_TEST_LIST=f"{_ABDOMEN}/mr_test/test_list.txt",
+        TARGET_TEST_LIST=f"{_ABDOMEN}/ct_test/test_list.txt"),
 }
 
 _ROOT = os.path.dirname(os.path.abspath(__file__))

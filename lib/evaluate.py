@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -151,7 +152,8 @@ def load_test_volumes(list_path: str, npz_flip: bool = True) -> list[tuple[Volum
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as handle:
                 info = json.load(handle)
-            records = {c["name"]: c for c in info.get("cases", []) if "name" in c}
+            records = {c["name"]: {**c, "_folder": folder}
+                       for c in info.get("cases", []) if "name" in c}
             break
     return [(v, records.get(v.name)) for v in
             (load_volume(e, npz_flip=npz_flip) for e in read_list(list_path))]
@@ -205,7 +207,12 @@ def evaluate(predict, test_lists: dict, class_names: list[str], output_path: str
             stem = os.path.join(pred_dir, volume.name)
             if record is not None:
                 _save_in_original_geometry(stem + "_pred.nii.gz", pred, record)
-                _save_in_original_geometry(stem + "_gt.nii.gz", volume.label, record)
+                exact_gt = os.path.join(record["_folder"], record.get("files", {}).get("gt", ""))
+                if record.get("files", {}).get("gt") and os.path.isfile(exact_gt):
+                    # data preparation wrote the mapped labels at full resolution: use them
+                    shutil.copyfile(exact_gt, stem + "_gt.nii.gz")
+                else:
+                    _save_in_original_geometry(stem + "_gt.nii.gz", volume.label, record)
             else:
                 _save_nifti(stem + "_pred.nii.gz", pred, volume.affine)
                 _save_nifti(stem + "_gt.nii.gz", volume.label, volume.affine)
