@@ -2,8 +2,9 @@
 
 ``ensure_demo_data(folder, image_size, seed)`` generates the phantom volumes
 (data/phantom.py) under ``folder/raw`` and runs the same data preparation as for real data
-(data/prepare.py) once per modality into ``folder/mr`` and ``folder/ct``. It does nothing
-when the prepared data are already there.
+(data/prepare.py) once per modality into ``folder/mr`` and ``folder/ct``, with the training
+volumes too (train_volume_list.txt, for the 3D network). It does nothing when the prepared
+data are already there.
 """
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ SLICE_AXIS = "axial"
 def ensure_demo_data(folder: str, image_size: int = 64, seed: int = 0, log=print) -> dict:
     """Lists of the prepared demo data, generating them first if needed."""
     lists = {m: os.path.join(folder, m, "train_list.txt") for m in phantom.MODALITIES}
-    if all(os.path.exists(os.path.join(folder, m, "dataset.json")) for m in lists):
+    # train_volume_list.txt: demo folders written before the 3D network lack it
+    if all(os.path.exists(os.path.join(folder, m, name)) for m in lists
+           for name in ("dataset.json", "train_volume_list.txt")):
         return lists
     log(f"generating the phantom demo data in {folder} ...")
     raw = os.path.join(folder, "raw")
@@ -35,6 +38,7 @@ def ensure_demo_data(folder: str, image_size: int = 64, seed: int = 0, log=print
     for m, info in generated.items():
         prepare(info["cases"], PHANTOM_LABELS, os.path.join(folder, m), modality=m,
                 split=info["split"], image_size=image_size, slice_axis=SLICE_AXIS,
-                crop="label", seed=seed, overwrite=True, log=lambda *a, **k: None)
+                crop="label", train_volumes=True, seed=seed, overwrite=True,
+                log=lambda *a, **k: None)
     log("demo data ready")
     return lists

@@ -17,6 +17,8 @@ Output folder (S = image size, D = slices of the scan)::
     train/<case>_aug<c>_<k:04d>.tfrecords offline augmented copies (--augment_copies)
     val/<case>_<k:04d>.tfrecords          validation slices
     val/<case>_image.nii.gz, _label.nii.gz, _gt.nii.gz   validation volumes (like test/)
+    train/<case>_image.nii.gz, _label.nii.gz, _gt.nii.gz training volumes for the 3D
+                                          network (only with --train_volumes)
     test/<case>_image.nii.gz              float32 [S, S, D], z-scored, slices last
     test/<case>_label.nii.gz              uint8 [S, S, D] classes
     test/<case>.npz                       arr_0 image, arr_1 label, flipped on axes 0 and 1
@@ -24,6 +26,7 @@ Output folder (S = image size, D = slices of the scan)::
     test/<case>_gt.nii.gz                 uint8 mapped label in the original scan's geometry
     train_list.txt, val_list.txt          TFRecord paths (relative to the list file)
     test_list.txt, val_volume_list.txt    "image,label" NIfTI pairs
+    train_volume_list.txt                 "image,label" pairs (only with --train_volumes)
     test_npz_list.txt                     .npz paths
     dataset.json                          settings and "cases": a list of per-case records
                                           (lib.prep.prepare_volume + name, split, files);
@@ -285,14 +288,16 @@ def _relative(paths: dict, root: str) -> dict:
 def prepare(cases, label_map, out_dir, *, modality, split, image_size=prep.IMAGE_SIZE,
             slice_axis="axial", crop="label", margin=10.0, min_crop_size=0.0, crop_size=None,
             clip_lower=0.0, clip_upper=98.0, augment_copies=0, label_layout="released",
-            train_slices="labelled", overwrite=False, seed=0, log=print) -> dict:
+            train_slices="labelled", train_volumes=False, overwrite=False, seed=0,
+            log=print) -> dict:
     """Prepare one modality's cases into ``out_dir`` and return the dataset.json content.
 
     cases: [(image_path, label_path, case_name or None)]; label_map: {dataset id: class} or
     "id:class,..."; split: see ``resolve_split``. margin, min_crop_size and crop_size are in
     mm; the labelled slice range for training is widened by ``margin`` mm too.
     train_slices: "labelled" (train/val slices only in the labelled range +- margin) or
-    "all". Raises DataError for bad input before anything is written.
+    "all". train_volumes: also write whole training volumes (the 3D network trains on slabs
+    of them). Raises DataError for bad input before anything is written.
     """
     if isinstance(label_map, str):
         label_map = prep.parse_label_map(label_map)
@@ -327,7 +332,8 @@ def prepare(cases, label_map, out_dir, *, modality, split, image_size=prep.IMAGE
                 "clip_lower_percentile": float(clip_lower),
                 "clip_upper_percentile": float(clip_upper), "normalisation": "zscore",
                 "augment_copies": int(augment_copies), "label_layout": label_layout,
-                "train_slices": train_slices, "seed": int(seed),
+                "train_slices": train_slices, "train_volumes": bool(train_volumes),
+                "seed": int(seed),
                 "orientation": prep.CANONICAL,
                 "view": "radiological: patient right on image left; anterior (axial) or "
                         "superior (coronal, sagittal) up"}
@@ -372,7 +378,8 @@ def _check_settings(image_size, slice_axis, crop, margin, min_crop_size, crop_si
 def _write_all(root, cases, assignment, label_map, settings, log) -> dict:
     for part in SPLITS:
         os.makedirs(os.path.join(root, part))
-    lists = {"train": [], "val": [], "test": [], "test_npz": [], "val_volume": []}
+    lists = {"train": [], "val": [], "test": [], "test_npz": [], "val_volume": [],
+             "train_volume": []}
     records = []
     augment = None
     if settings["augment_copies"] > 0:
@@ -405,7 +412,7 @@ def _write_all(root, cases, assignment, label_map, settings, log) -> dict:
             lists[part] += slices
             record["train_slice_range"] = list(slice_range)
             record["num_slice_files"] = len(slices)
-        if part in ("val", "test"):
+        if part in ("val", "test") or (part == "train" and settings["train_volumes"]):
             mapped, _ = prep.map_labels(case.label, label_map)
             paths = _write_volume(folder, name, image, label, record, mapped,
                                   with_npz=part == "test")
@@ -414,6 +421,8 @@ def _write_all(root, cases, assignment, label_map, settings, log) -> dict:
             if part == "test":
                 lists["test"].append(pair)
                 lists["test_npz"].append(paths["npz"])
+            elif part == "train":
+                lists["train_volume"].append(pair)
             else:
                 lists["val_volume"].append(pair)
         record["files"] = files
@@ -426,7 +435,8 @@ def _write_all(root, cases, assignment, label_map, settings, log) -> dict:
     list_files = {}
     for key, filename in (("train", "train_list.txt"), ("val", "val_list.txt"),
                           ("test", "test_list.txt"), ("test_npz", "test_npz_list.txt"),
-                          ("val_volume", "val_volume_list.txt")):
+                          ("val_volume", "val_volume_list.txt"),
+                          ("train_volume", "train_volume_list.txt")):
         if lists[key]:
             write_list(os.path.join(root, filename), lists[key])
             list_files[key] = filename
@@ -482,6 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="offline augmented copies per training case")
     p.add_argument("--label_layout", default="released", choices=("released", "single"))
     p.add_argument("--train_slices", default="labelled", choices=("labelled", "all"))
+    p.add_argument("--train_volumes", action="store_true",
+                   help="also write the training volumes as NIfTI (for the 3D network)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out_dir", required=True)
     p.add_argument("--overwrite", action="store_true",
@@ -536,7 +548,8 @@ def main(argv=None) -> int:
                 margin=args.margin, min_crop_size=args.min_crop_size, crop_size=args.crop_size,
                 clip_lower=args.clip_lower, clip_upper=args.clip_upper,
                 augment_copies=args.augment_copies, label_layout=args.label_layout,
-                train_slices=args.train_slices, overwrite=args.overwrite, seed=args.seed)
+                train_slices=args.train_slices, train_volumes=args.train_volumes,
+                overwrite=args.overwrite, seed=args.seed)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

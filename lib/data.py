@@ -284,3 +284,131 @@ def slice_training_data(config: dict, train_lists: dict, val_lists: dict, augmen
     train = build(train_lists, 0, augment)
     val = build(val_lists, 100, None) if val_lists and len(val_lists) == len(train_lists) else None
     return train, val
+
+
+# ----------------------------------------------------------------------------- 3D slabs
+@dataclass
+class VolumeBank:
+    """Training volumes of one modality held in memory, stacked along depth.
+
+    Every volume is padded to at least the patch size (edge values for the image, 0 for the
+    label) and to the common in-plane size, then all are concatenated along depth, so one
+    slab is one slice of two arrays. ``sizes`` [N, 3] are the padded volume sizes the slabs
+    must stay inside (the common in-plane padding is never sampled), ``offsets`` [N] the
+    depth offsets and ``labelled`` [N, 2] the [first, last + 1) depth range with foreground
+    (the whole depth when a volume has none).
+    """
+    image: np.ndarray
+    label: np.ndarray
+    sizes: np.ndarray
+    offsets: np.ndarray
+    labelled: np.ndarray
+
+
+def volume_bank(volumes, patch) -> VolumeBank:
+    """Stack [(image [H, W, D], label [H, W, D])] for slab sampling (see VolumeBank)."""
+    if not volumes:
+        raise DataError("no training volume given")
+    padded = []
+    for image, label in volumes:
+        pad = [(0, max(0, p - s)) for s, p in zip(image.shape, patch)]
+        padded.append((np.pad(np.asarray(image, np.float32), pad, mode="edge"),
+                       np.pad(np.asarray(label), pad, mode="constant").astype(np.uint8)))
+    h = max(im.shape[0] for im, _ in padded)
+    w = max(im.shape[1] for im, _ in padded)
+    sizes, labelled, images, labels = [], [], [], []
+    for image, label in padded:
+        sizes.append(image.shape)
+        fg = np.flatnonzero(label.any(axis=(0, 1)))
+        labelled.append((fg[0], fg[-1] + 1) if fg.size else (0, image.shape[2]))
+        common = [(0, h - image.shape[0]), (0, w - image.shape[1]), (0, 0)]
+        images.append(np.pad(image, common, mode="edge"))
+        labels.append(np.pad(label, common, mode="constant"))
+    depths = [s[2] for s in sizes]
+    offsets = np.concatenate([[0], np.cumsum(depths)[:-1]])
+    return VolumeBank(np.concatenate(images, axis=2), np.concatenate(labels, axis=2),
+                      np.asarray(sizes, np.int32), offsets.astype(np.int32),
+                      np.asarray(labelled, np.int32))
+
+
+def slab_starts(size, labelled, patch, u):
+    """Start [i, j, k] of one training slab inside a volume of ``size`` [H, W, D] >= patch.
+
+    u: 4 uniform numbers in [0, 1). u[0] < 0.5 draws the depth uniformly; otherwise the
+    slab is centred on a uniformly drawn slice of the labelled range [lo, hi) and shifted
+    back inside the volume near its ends. u[2], u[3] draw the in-plane crop. Works on
+    numpy values and inside tf.data (graph) alike.
+    """
+    size = tf.cast(size, tf.int32)
+    labelled = tf.cast(labelled, tf.int32)
+    patch = tf.constant(list(patch), tf.int32)
+    u = tf.cast(u, tf.float32)
+    room = size - patch + 1  # number of valid starts per axis (>= 1)
+
+    def draw(x, n):
+        return tf.minimum(tf.cast(tf.floor(x * tf.cast(n, tf.float32)), tf.int32), n - 1)
+
+    centre = labelled[0] + draw(u[1], labelled[1] - labelled[0])
+    k_centred = tf.clip_by_value(centre - patch[2] // 2, 0, room[2] - 1)
+    k = tf.where(u[0] < 0.5, draw(u[1], room[2]), k_centred)
+    return tf.stack([draw(u[2], room[0]), draw(u[3], room[1]), k])
+
+
+def slab_dataset(bank: VolumeBank, patch, batch_size: int, seed: int = 0) -> tf.data.Dataset:
+    """Endless batches (x [B, h, w, d, 1] float32, y [B, h, w, d] int32) of random slabs.
+
+    The volumes stay in memory as tensors (captured by the map function, not embedded in a
+    graph) and every draw uses stateless random ops keyed by (seed, element index), so the
+    stream is the same on every run whatever the parallelism.
+    """
+    with tf.device("/cpu:0"):
+        image = tf.constant(bank.image)
+        label = tf.constant(bank.label)
+    sizes = tf.constant(bank.sizes)
+    offsets = tf.constant(bank.offsets)
+    labelled = tf.constant(bank.labelled)
+    n = len(bank.sizes)
+    ph, pw, pd = (int(p) for p in patch)
+
+    def sample(index):
+        u = tf.random.stateless_uniform([5], seed=tf.stack([tf.cast(seed, tf.int64), index]))
+        v = tf.minimum(tf.cast(u[0] * n, tf.int32), n - 1)
+        i, j, k = tf.unstack(slab_starts(sizes[v], labelled[v], patch, u[1:]))
+        begin = tf.stack([i, j, offsets[v] + k])
+        x = tf.slice(image, begin, [ph, pw, pd])[..., None]
+        y = tf.cast(tf.slice(label, begin, [ph, pw, pd]), tf.int32)
+        return tf.ensure_shape(x, [ph, pw, pd, 1]), tf.ensure_shape(y, [ph, pw, pd])
+
+    ds = tf.data.Dataset.counter(dtype=tf.int64)
+    ds = ds.map(sample, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def load_training_volumes(list_path: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(image, label) arrays of every ``image,label`` entry of a volume list."""
+    entries = check_list_files(list_path)
+    bad = [e for e in entries if e.endswith(".npz") or len(e.split(",")) != 2]
+    if bad:
+        raise DataError(f"{list_path}: 3D training needs 'image,label' NIfTI pairs, got "
+                        f"{bad[0]!r}")
+    return [(v.image, v.label) for v in (load_volume(e) for e in entries)]
+
+
+def volume_training_data(config: dict, train_lists: dict, val_lists: dict):
+    """3D training and validation slab batches for every modality from their volume lists.
+
+    Each modality gets its own seed (SEED + its index; validation + 100), as in 2D.
+    """
+    seed = config.get("SEED") or 0
+    patch = [int(p) for p in config["PATCH_SIZE"]]
+
+    def build(lists, offset):
+        out = {}
+        for i, (m, list_path) in enumerate(lists.items()):
+            bank = volume_bank(load_training_volumes(list_path), patch)
+            out[m] = slab_dataset(bank, patch, config["BATCH_SIZE"], seed + i + offset)
+        return zip_modalities(out)
+
+    train = build(train_lists, 0)
+    val = build(val_lists, 100) if val_lists and len(val_lists) == len(train_lists) else None
+    return train, val

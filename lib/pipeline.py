@@ -19,7 +19,7 @@ from lib.config import ConfigError, load_config
 from lib.data import DataError
 from lib.runtime import get_logger, setup_runtime
 from lib.train import (CONFIG_FILE, LOG_FILE, NETWORK_KEYS, Trainer, TrainingError,
-                       config_differences, prepare_output)
+                       config_differences, model_variables, prepare_output)
 
 MODALITY_LISTS = {"mr": ("SOURCE_TRAIN_LIST", "SOURCE_VAL_LIST", "SOURCE_TEST_LIST"),
                   "ct": ("TARGET_TRAIN_LIST", "TARGET_VAL_LIST", "TARGET_TEST_LIST")}
@@ -62,7 +62,7 @@ def _restore_for_test(model, config: dict, prefix: str | None, output_path: str,
         if diffs:
             raise ConfigError(f"TEST_MODEL: {prefix} was saved with another network: "
                               + "; ".join(diffs))
-    status = tf.train.Checkpoint(model=model).restore(prefix).expect_partial()
+    status = tf.train.Checkpoint(model=model_variables(model)).restore(prefix).expect_partial()
     try:
         status.assert_existing_objects_matched()
     except AssertionError as err:

@@ -39,6 +39,16 @@ RESUMABLE_KEYS = {"PHASE", "NUM_STEPS", "TEST_MODEL", "TENSORBOARD_PORT", "DISPL
 NETWORK_KEYS = ("NETWORK", "N_CLASS", "FEATURE_BASE", "SCHEME")
 
 
+def model_variables(model) -> dict:
+    """Every variable of the model (BN statistics too), keyed by position, for checkpoints.
+
+    tf.train.Checkpoint(model=keras_model) does not follow layers kept in Python lists and
+    dicts under Keras 3 (the networks keep their units that way), so it would save none of
+    their variables; positions are stable where auto-generated layer names are not.
+    """
+    return {f"{i:04d}": v for i, v in enumerate(model.variables)}
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (for example a NaN loss); the message names the step."""
 
@@ -85,7 +95,8 @@ class Trainer:
                                 [f"class{c}" for c in range(1, self.n_class)])
         self.optimizer = make_optimizer(config, model)
         self.kernels = conv_kernels(model)
-        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=self.optimizer)
+        self.checkpoint = tf.train.Checkpoint(model=model_variables(model),
+                                              optimizer=self.optimizer)
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, os.path.join(output_path, "checkpoints"),
             max_to_keep=config.get("KEEP_CHECKPOINTS", 5), checkpoint_name="model")

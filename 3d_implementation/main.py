@@ -1,0 +1,116 @@
+"""UMMKD 3D: train one 3D U-Net on unpaired MR and CT slabs (test it with test.py).
+
+Edit the settings below, or override any of them on the command line as --name=value
+(names are case-insensitive), for example:
+
+    python main.py                          # demo: phantom data, a few minutes on a CPU
+    python test.py                          # test the demo run's latest checkpoint
+    python main.py --preset=paper           # the paper's 3D setting (GPU)
+    python main.py --phase=train_test       # train, then test
+
+The chosen PRESET fills in the settings it lists (see PRESETS below) over the values
+written here; command-line overrides come last. PRESET "custom" uses the values as written.
+test.py imports these settings, so they are written once, here. Relative paths are
+relative to the repository root (the folder above this one), from wherever you run.
+"""
+import os
+import sys
+
+# --- what to run
+PRESET = "demo"              # "demo" | "paper" | "custom" (values below as written)
+PHASE = "train"              # "train", "test" or "train_test" (test.py sets "test")
+OUTPUT_PATH = "output/3d_paper"  # checkpoints, logs, config.json and results/ go here
+TEST_MODEL = ""              # checkpoint prefix to test; empty = latest of OUTPUT_PATH
+RESUME = False               # continue a run in OUTPUT_PATH even if its settings differ
+START_OVER = False           # move a different run in OUTPUT_PATH aside and start again
+
+# --- data (list files of "image,label" NIfTI pairs, slices last; test lists may hold .npz)
+SOURCE_TRAIN_LIST = "data/prepared/mr/train_volume_list.txt"  # MR (source) training volumes
+SOURCE_VAL_LIST = "data/prepared/mr/val_volume_list.txt"      # MR validation volumes
+TARGET_TRAIN_LIST = "data/prepared/ct/train_volume_list.txt"  # CT (target) training volumes
+TARGET_VAL_LIST = "data/prepared/ct/val_volume_list.txt"      # CT validation volumes
+SOURCE_TEST_LIST = "data/prepared/mr/test_list.txt"           # MR test volumes
+TARGET_TEST_LIST = "data/prepared/ct/test_list.txt"           # CT test volumes
+NPZ_FLIP = True              # flip axes 0 and 1 of .npz test volumes (the original's layout)
+CLASS_NAMES = ["lv_myo", "la_blood", "lv_blood", "aa"]  # names of classes 1..N_CLASS-1
+
+# --- network
+PATCH_SIZE = [256, 256, 8]   # training slab [height, width, depth] (multiples of 8)
+N_CLASS = 5                  # classes including background
+FEATURE_BASE = 16            # f: channels of the first level
+SCHEME = "ummkd"             # sharing scheme: ummkd, separate_bn, joint, individual, y_shape, x_shape
+
+# --- optimisation
+BATCH_SIZE = 2               # slabs per modality per step
+NUM_STEPS = 50000            # training steps
+LEARNING_RATE = 1e-4         # Adam learning rate at step 0
+LR_DECAY = 0.95              # learning-rate factor ...
+LR_DECAY_STEPS = 500         # ... applied every this many steps (staircase)
+MIU_SEG_DICE = 1.0           # weight of the Dice loss (each modality)
+MIU_SEG_CE = 1.0             # weight of the weighted cross-entropy (each modality)
+MIU_KD = 0.5                 # weight of the knowledge-distillation loss (0 turns it off)
+MIU_SEG_L2_NORM = 1e-4       # weight of the L2 penalty on convolution kernels
+KD_TEMPERATURE = 2.0         # softmax temperature of the distillation loss
+PRECISION = "auto"           # "fp32", "bf16", "fp16" or "auto" (bf16 where fast, else fp32)
+
+# --- bookkeeping
+CHECKPOINT_SPACE = 200       # steps between checkpoints
+KEEP_CHECKPOINTS = 5         # most recent checkpoints kept
+DISPLAY_STEP = 500           # steps between validation batches and image summaries
+SUMMARY_STEP = 10            # steps between training scalar summaries
+TEST_STRIDE = 0              # depth step of the test windows; 0 = half a slab
+SEED = 0                     # seeds weights and slab sampling
+DETERMINISTIC = False        # TensorFlow op determinism (identical runs, slower)
+TENSORBOARD_PORT = None      # launch TensorBoard on 127.0.0.1:PORT while training
+PROGRESS = True              # show a progress bar
+
+TYPES = {"TENSORBOARD_PORT": int}  # types of settings whose constant is None
+_DEMO = "data/generated/demo"       # where the demo (phantom) data are generated
+_DEMO_IMAGE_SIZE = 64               # in-plane size of the demo data (shared with the 2D demo)
+PRESETS = {
+    "custom": {},
+    "paper": dict(OUTPUT_PATH="output/3d_paper"),
+    "demo": dict(
+        OUTPUT_PATH="output/3d_demo", PATCH_SIZE=[64, 64, 8], FEATURE_BASE=8, BATCH_SIZE=2,
+        NUM_STEPS=1000, LEARNING_RATE=1e-3, LR_DECAY_STEPS=100, CHECKPOINT_SPACE=200,
+        DISPLAY_STEP=100,
+        SOURCE_TRAIN_LIST=f"{_DEMO}/mr/train_volume_list.txt",
+        SOURCE_VAL_LIST=f"{_DEMO}/mr/val_volume_list.txt",
+        TARGET_TRAIN_LIST=f"{_DEMO}/ct/train_volume_list.txt",
+        TARGET_VAL_LIST=f"{_DEMO}/ct/val_volume_list.txt",
+        SOURCE_TEST_LIST=f"{_DEMO}/mr/test_list.txt", TARGET_TEST_LIST=f"{_DEMO}/ct/test_list.txt"),
+}
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_HERE)
+
+
+def network():
+    """The 3D variant for lib.pipeline: model, slab batches, sliding-window prediction."""
+    for path in (_ROOT, _HERE):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    from lib.data import volume_training_data
+    from lib.evaluate import make_predict_fn_3d, predict_volume_3d
+    from lib.pipeline import Network
+    from model_3d import build_model
+
+    def predictor(model, config):
+        patch = [int(p) for p in config["PATCH_SIZE"]]
+        fn = make_predict_fn_3d(model, patch)  # compiled once per modality, reused per volume
+        return lambda m, image: predict_volume_3d(fn, m, image, patch, config["N_CLASS"],
+                                                  config["TEST_STRIDE"] or None)
+
+    def prepare_data(config):
+        if config.get("PRESET") == "demo":
+            from data.demo import ensure_demo_data
+            ensure_demo_data(os.path.join(_ROOT, _DEMO), _DEMO_IMAGE_SIZE, config["SEED"])
+
+    return Network("UMMKD 3D", build_model, volume_training_data, predictor, prepare_data)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, _ROOT)
+    from lib.pipeline import main
+
+    sys.exit(main(globals(), network, presets=PRESETS, types=TYPES, root=_ROOT))

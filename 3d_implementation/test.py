@@ -1,0 +1,26 @@
+"""UMMKD 3D: test a trained 3D U-Net on the MR and CT test volumes.
+
+Uses the settings of main.py (one list, written there), with PHASE "test":
+
+    python test.py                                  # latest checkpoint of the demo run
+    python test.py --test_model=output/3d_demo/checkpoints/model-600
+    python test.py --preset=paper
+
+Results go to OUTPUT_PATH/results/ (metrics.json, metrics.csv, predictions, figures).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # main.py, from anywhere
+
+from main import *  # noqa: F401,F403  the settings, PRESETS, TYPES and network()
+from main import _ROOT
+
+PHASE = "test"               # this script only tests
+TEST_MODEL = ""              # checkpoint prefix to test; empty = latest of OUTPUT_PATH
+
+if __name__ == "__main__":
+    sys.path.insert(0, _ROOT)
+    from lib.pipeline import main
+
+    sys.exit(main(globals(), network, presets=PRESETS, types=TYPES, root=_ROOT))  # noqa: F405

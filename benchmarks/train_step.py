@@ -1,0 +1,169 @@
+"""Time real training steps of the project's own model, loss and optimizer on random data.
+
+    python benchmarks/train_step.py --model=2d --image_size=128 --batch_size=4 \
+        --feature_base=16 --precision=bf16 --steps=10 --warmup=3
+    python benchmarks/train_step.py --model=3d --patch=128,128,8 --batch_size=1 --precision=bf16
+
+Prints ONE JSON line. ``gflop_per_step`` is counted from the convolution shapes of one
+forward pass of both modalities (2 x multiply-adds of every convolution, transposed ones
+included), times 3 for forward + backward. ``peak_tflops`` is the best rate this same
+process reaches, right before the timing, on large dense work of the same precision: the
+maximum over (a) a 4096x4096x4096 matrix product and (b) a 3x3 convolution of
+[8, 64, 64, 256] -> 256 channels, each run 5 times after a warm-up, best run taken.
+``mfu`` = achieved_tflops / peak_tflops.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "3d_implementation"))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from lib.layers import MODALITIES, ModalityConv  # noqa: E402
+from lib.runtime import setup_runtime  # noqa: E402
+
+DTYPES = {"fp32": tf.float32, "bf16": tf.bfloat16, "fp16": tf.float16}
+
+
+def conv_flops(model, x, modalities=MODALITIES) -> float:
+    """FLOPs (2 x MACs) of every convolution in one forward pass of ``x``."""
+    total = [0.0]
+    original = ModalityConv._apply
+
+    def counting(self, layer, inp, training):
+        out = original(self, layer, inp, training)
+        k = np.prod(layer.kernel.shape)
+        spatial = inp.shape[1:-1] if self.transpose else out.shape[1:-1]
+        total[0] += 2.0 * float(inp.shape[0]) * float(np.prod(spatial)) * float(k)
+        return out
+
+    ModalityConv._apply = counting
+    try:
+        model(x, modalities=modalities, training=False)
+    finally:
+        ModalityConv._apply = original
+    return total[0]
+
+
+def _best_time(fn, reps=5):
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def peak_tflops(precision: str) -> dict:
+    dtype = DTYPES[precision]
+    n = 4096
+    a = tf.random.normal([n, n], dtype=tf.float32)
+    a = tf.cast(a, dtype)
+    matmul = tf.function(lambda: tf.matmul(a, a))
+    t_mm = _best_time(lambda: matmul().numpy())
+    x = tf.cast(tf.random.normal([8, 64, 64, 256]), dtype)
+    w = tf.cast(tf.random.normal([3, 3, 256, 256]), dtype)
+    conv = tf.function(lambda: tf.nn.conv2d(x, w, 1, "SAME"))
+    t_conv = _best_time(lambda: conv().numpy())
+    mm = 2 * n ** 3 / t_mm / 1e12
+    cv = 2 * 8 * 64 * 64 * 9 * 256 * 256 / t_conv / 1e12
+    return {"peak_tflops": max(mm, cv), "peak_matmul_tflops": mm, "peak_conv_tflops": cv}
+
+
+def build(args, config):
+    if args.model == "2d":
+        from model_2d import build_model
+        shape = [args.image_size, args.image_size, 3]
+    else:
+        from model_3d import build_model
+        shape = list(args.patch) + [1]
+    return build_model(config), shape
+
+
+def run(args) -> dict:
+    config = dict(N_CLASS=args.n_class, FEATURE_BASE=args.feature_base, SCHEME=args.scheme,
+                  SEED=0, PRECISION=args.precision, LEARNING_RATE=1e-3, MIU_SEG_DICE=1.0,
+                  MIU_SEG_CE=1.0, MIU_KD=0.5, MIU_SEG_L2_NORM=1e-4, KD_TEMPERATURE=2.0,
+                  CHECKPOINT_SPACE=10 ** 9, DISPLAY_STEP=10 ** 9, NUM_STEPS=10 ** 9,
+                  XLA=args.xla)
+    precision = setup_runtime(config)
+    peak = peak_tflops(precision)
+    model, shape = build(args, config)
+    from lib.train import Trainer
+
+    trainer = Trainer(config, model, os.path.join("/tmp", "ummkd_bench"), logger=_Quiet())
+    rng = np.random.default_rng(0)
+    b = args.batch_size
+    images = {m: tf.constant(rng.normal(size=[b] + shape), tf.float32) for m in MODALITIES}
+    labels = {m: tf.constant(rng.integers(0, args.n_class, [b] + shape[:-1]), tf.int32)
+              for m in MODALITIES}
+    x = tf.concat([images[m] for m in MODALITIES], 0)
+    flops = 3 * conv_flops(model, x)
+    for _ in range(args.warmup):
+        float(trainer.train_step(images, labels)["total"])
+    times = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        float(trainer.train_step(images, labels)["total"])
+        times.append(time.perf_counter() - t)
+    median = statistics.median(times)
+    achieved = flops / median / 1e12
+    out = {"model": args.model, "batch_size": b, "feature_base": args.feature_base,
+           "precision": precision, "xla": bool(args.xla), "steps": args.steps,
+           "step_time_s_median": median, "step_time_s_min": min(times),
+           "images_per_s": 2 * b / median, "gflop_per_step": flops / 1e9,
+           "achieved_tflops": achieved, **peak, "mfu": achieved / peak["peak_tflops"],
+           "traces": trainer.traces, "cpu": _cpu_name(), "threads": os.cpu_count()}
+    if args.model == "2d":
+        out["image_size"] = args.image_size
+    else:
+        out["patch"] = list(args.patch)
+    return out
+
+
+class _Quiet:
+    def info(self, *_):
+        pass
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", choices=("2d", "3d"), default="2d")
+    p.add_argument("--image_size", type=int, default=128)
+    p.add_argument("--patch", type=lambda s: [int(v) for v in s.split(",")],
+                   default=[128, 128, 8])
+    p.add_argument("--batch_size", type=int, default=4, help="per modality")
+    p.add_argument("--feature_base", type=int, default=16)
+    p.add_argument("--n_class", type=int, default=5)
+    p.add_argument("--scheme", default="ummkd")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="bf16")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--xla", action="store_true", help="compile the step with XLA")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(parse())))
