@@ -14,6 +14,8 @@ Relative paths are relative to this file's folder.
 import os
 import sys
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep errors to one readable line
+
 # --- what to run
 PRESET = "demo"              # "demo" | "paper" | "abdomen" | "custom" (values below as written)
 PHASE = "train_test"         # "train", "test" or "train_test"
@@ -34,6 +36,7 @@ AUGMENT = False              # on-the-fly rotation/scale/shift/intensity augment
 CLASS_NAMES = ["lv_myo", "la_blood", "lv_blood", "aa"]  # names of classes 1..N_CLASS-1
 
 # --- network
+NETWORK = "dilated_resnet_2d"  # recorded with checkpoints so another network's are refused
 IMAGE_SIZE = 256             # input height and width (a multiple of 8)
 N_CLASS = 5                  # classes including background
 FEATURE_BASE = 16            # f: channels of the first stage
@@ -59,6 +62,7 @@ KEEP_CHECKPOINTS = 5         # most recent checkpoints kept
 DISPLAY_STEP = 500           # steps between validation batches and image summaries
 SUMMARY_STEP = 10            # steps between training scalar summaries
 TEST_BATCH = 16              # slices per forward pass at test time
+CHECK_DATA = True            # read every training record once before training (fail fast)
 SEED = 0                     # seeds weights, dropout and data shuffling
 DETERMINISTIC = False        # TensorFlow op determinism (identical runs, slower)
 TENSORBOARD_PORT = None      # launch TensorBoard on 127.0.0.1:PORT while training
@@ -72,7 +76,7 @@ PRESETS = {
     "paper": dict(OUTPUT_PATH="output/2d_paper"),
     "demo": dict(
         OUTPUT_PATH="output/2d_demo", IMAGE_SIZE=64, FEATURE_BASE=8, BATCH_SIZE=4,
-        NUM_STEPS=1200, LR_DECAY_STEPS=500, CHECKPOINT_SPACE=400, DISPLAY_STEP=200,
+        NUM_STEPS=1600, LR_DECAY_STEPS=100, CHECKPOINT_SPACE=400, DISPLAY_STEP=200,
         AUGMENT=False,
         SOURCE_TRAIN_LIST=f"{_DEMO}/mr/train_list.txt", SOURCE_VAL_LIST=f"{_DEMO}/mr/val_list.txt",
         TARGET_TRAIN_LIST=f"{_DEMO}/ct/train_list.txt", TARGET_VAL_LIST=f"{_DEMO}/ct/val_list.txt",
@@ -98,12 +102,12 @@ def network():
     from lib.pipeline import Network
     from model_2d import build_model
 
-    def datasets(config, train_lists, val_lists):
+    def datasets(config, train_lists, val_lists, start_step=0):
         augment = None
         if config["AUGMENT"]:
             from lib.prep import make_augment
             augment = make_augment(seed=config["SEED"])
-        return slice_training_data(config, train_lists, val_lists, augment)
+        return slice_training_data(config, train_lists, val_lists, augment, start_step)
 
     def predictor(model, config):
         fn = make_predict_fn_2d(model, config["IMAGE_SIZE"])

@@ -16,6 +16,8 @@ relative to the repository root (the folder above this one), from wherever you r
 import os
 import sys
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep errors to one readable line
+
 # --- what to run
 PRESET = "demo"              # "demo" | "paper" | "custom" (values below as written)
 PHASE = "train"              # "train", "test" or "train_test" (test.py sets "test")
@@ -35,6 +37,7 @@ NPZ_FLIP = True              # flip axes 0 and 1 of .npz test volumes (the origi
 CLASS_NAMES = ["lv_myo", "la_blood", "lv_blood", "aa"]  # names of classes 1..N_CLASS-1
 
 # --- network
+NETWORK = "unet3d"           # recorded with checkpoints so another network's are refused
 PATCH_SIZE = [256, 256, 8]   # training slab [height, width, depth] (multiples of 8)
 N_CLASS = 5                  # classes including background
 FEATURE_BASE = 16            # f: channels of the first level

@@ -8,6 +8,7 @@ data are already there.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -23,22 +24,44 @@ PHANTOM_LABELS = {1: 1, 2: 2, 3: 3, 4: 4}  # the phantom writes the class ids di
 SLICE_AXIS = "axial"
 
 
+N_TRAIN, N_VAL, N_TEST = 20, 1, 3  # phantom subjects per modality
+
+
 def ensure_demo_data(folder: str, image_size: int = 64, seed: int = 0, log=print) -> dict:
-    """Lists of the prepared demo data, generating them first if needed."""
+    """Lists of the prepared demo data, generating them first if needed.
+
+    The data are built in a temporary sibling folder and renamed into place when complete,
+    so an interrupted generation never leaves a folder that looks ready. ``demo.json``
+    records the settings; data made with other settings are rebuilt.
+    """
     lists = {m: os.path.join(folder, m, "train_list.txt") for m in phantom.MODALITIES}
-    # train_volume_list.txt: demo folders written before the 3D network lack it
-    if all(os.path.exists(os.path.join(folder, m, name)) for m in lists
-           for name in ("dataset.json", "train_volume_list.txt")):
-        return lists
+    settings = {"image_size": image_size, "seed": seed, "n_train": N_TRAIN, "n_val": N_VAL,
+                "n_test": N_TEST, "slice_axis": SLICE_AXIS, "version": 2}
+    marker = os.path.join(folder, "demo.json")
+    if os.path.isfile(marker):
+        with open(marker, encoding="utf-8") as handle:
+            if json.load(handle) == settings:
+                return lists
     log(f"generating the phantom demo data in {folder} ...")
-    raw = os.path.join(folder, "raw")
-    if os.path.isdir(raw):  # a half-finished earlier attempt: phantoms are cheap to remake
-        shutil.rmtree(raw)
-    generated = phantom.generate(folder, seed=seed)
+    tmp = f"{folder.rstrip(os.sep)}.partial-{os.getpid()}"
+    if os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+    generated = phantom.generate(tmp, n_train=N_TRAIN, n_val=N_VAL, n_test=N_TEST, seed=seed)
     for m, info in generated.items():
-        prepare(info["cases"], PHANTOM_LABELS, os.path.join(folder, m), modality=m,
+        prepare(info["cases"], PHANTOM_LABELS, os.path.join(tmp, m), modality=m,
                 split=info["split"], image_size=image_size, slice_axis=SLICE_AXIS,
                 crop="label", train_volumes=True, seed=seed, overwrite=True,
                 log=lambda *a, **k: None)
+    with open(os.path.join(tmp, "demo.json"), "w", encoding="utf-8") as handle:
+        json.dump(settings, handle)
+    if os.path.isdir(folder):  # generated data of other settings: ours to replace
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    for m in generated:  # source paths recorded while building: point them at the final folder
+        path = os.path.join(folder, m, "dataset.json")
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(text.replace(json.dumps(tmp)[1:-1], json.dumps(folder)[1:-1]))
     log("demo data ready")
     return lists

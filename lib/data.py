@@ -17,6 +17,7 @@ Volumes are numpy arrays [H, W, D]: in-plane axes first, slices along the last a
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -136,21 +137,42 @@ _FEATURES = {
 }
 
 
-def parse_slice(serialized: tf.Tensor, image_size: int | None = None):
+def parse_slice(serialized: tf.Tensor, image_size: int | None = None, filename=None,
+                n_class: int | None = None):
     """Graph-side parser: serialized Example -> (image [S, S, 3] float32, label [S, S] int32).
 
     The label layout ([H, W, 3] released or [H, W, 1]) follows from the byte length; its
     middle channel is the label. With image_size set, slices of another size are resized
-    (bilinear for the image, nearest for the label).
+    (bilinear for the image, nearest for the label). With ``filename`` given, byte lengths
+    that do not match the declared size, NaN or Inf in the image and (with n_class) labels
+    outside 0..n_class-1 stop the pipeline with an error that names the file.
     """
     ex = tf.io.parse_single_example(serialized, _FEATURES)
     h = tf.cast(ex["dsize_dim0"], tf.int32)
     w = tf.cast(ex["dsize_dim1"], tf.int32)
-    image = tf.reshape(tf.io.decode_raw(ex["data_vol"], tf.float32), [h, w, 3])
+    data = tf.io.decode_raw(ex["data_vol"], tf.float32)
     lab = tf.io.decode_raw(ex["label_vol"], tf.float32)
-    channels = tf.size(lab) // (h * w)
-    lab = tf.reshape(lab, [h, w, channels])
+    checks = []
+    if filename is not None:
+        checks.append(tf.debugging.Assert(
+            tf.equal(tf.size(data), h * w * 3) & tf.reduce_any(
+                tf.equal(tf.size(lab), [h * w, h * w * 3])),
+            ["BADRECORD", filename, "data_vol or label_vol byte length does not match its "
+             "declared size"]))
+    with tf.control_dependencies(checks):
+        image = tf.reshape(data, [h, w, 3])
+        channels = tf.size(lab) // (h * w)
+        lab = tf.reshape(lab, [h, w, channels])
     label = tf.cast(tf.round(lab[:, :, (channels - 1) // 2]), tf.int32)
+    if filename is not None:
+        checks = [tf.debugging.Assert(tf.reduce_all(tf.math.is_finite(image)),
+                                      ["BADRECORD", filename, "NaN or Inf in the image"])]
+        if n_class is not None:
+            checks.append(tf.debugging.Assert(
+                (tf.reduce_min(label) >= 0) & (tf.reduce_max(label) < n_class),
+                ["BADRECORD", filename, f"label values outside 0..{n_class - 1}"]))
+        with tf.control_dependencies(checks):
+            image, label = tf.identity(image), tf.identity(label)
     if image_size is not None:
         size = tf.constant([image_size, image_size])
 
@@ -166,32 +188,93 @@ def parse_slice(serialized: tf.Tensor, image_size: int | None = None):
     return image, label
 
 
-def slice_dataset(files: list[str], image_size: int, batch_size: int, *, shuffle: bool = True,
-                  seed: int | None = None, repeat: bool = True, augment=None,
-                  shuffle_buffer: int = 512) -> tf.data.Dataset:
+def sample_files(files: list[str], seed: int, start: int = 0) -> tf.data.Dataset:
+    """Endless stream of file names drawn uniformly (with replacement), keyed by position.
+
+    Element k is a pure function of (seed, k), so a run resumed at step s continues with
+    exactly the files an uninterrupted run would have read (start = s * batch size).
+    """
+    names = tf.constant(list(files))
+    n = len(files)
+
+    def pick(k):
+        u = tf.random.stateless_uniform([], seed=tf.stack([tf.constant(seed, tf.int64), k]),
+                                        maxval=n, dtype=tf.int64)
+        return names[u]
+
+    return tf.data.Dataset.counter(start=start, dtype=tf.int64).map(pick)
+
+
+def slice_dataset(files: list[str], image_size: int, batch_size: int, *, seed: int = 0,
+                  start_step: int = 0, augment=None, n_class: int | None = None,
+                  repeat: bool = True) -> tf.data.Dataset:
     """Batches (image [B, S, S, 3] float32, label [B, S, S] int32) from TFRecord files.
 
-    Files are read in parallel and interleaved; shuffling is seeded so that runs repeat.
-    ``augment`` is an optional graph function (image, label) -> (image, label) applied
-    per example.
+    Training (``repeat``): slices drawn at random by sample_files, resumable at any step;
+    files are read in parallel, in a deterministic order. ``repeat=False``: every record of
+    every file once, in order. Bad records stop the pipeline naming their file (parse_slice).
+    ``augment`` is an optional graph function (image, label) -> (image, label).
     """
     if not files:
         raise DataError("no TFRecord files given")
-    ds = tf.data.Dataset.from_tensor_slices(list(files))
-    if shuffle:
-        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
     if repeat:
-        ds = ds.repeat()
-    ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=8, block_length=1,
-                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if shuffle:
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    ds = ds.map(lambda s: parse_slice(s, image_size), num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=True)
+        names = sample_files(files, seed, start_step * batch_size)
+    else:
+        names = tf.data.Dataset.from_tensor_slices(list(files))
+    ds = names.interleave(lambda f: tf.data.TFRecordDataset(f).map(lambda r: (f, r)),
+                          cycle_length=8, block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
+                          deterministic=True)
+    ds = ds.map(lambda f, r: parse_slice(r, image_size, f, n_class),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if augment is not None:
         ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=repeat)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def validate_tfrecords(files: list[str], list_path: str = "") -> int:
+    """Read every record of every file; one DataError naming every bad file. Returns count.
+
+    Catches truncated or corrupt files, records that are not released-format Examples and
+    data_vol / label_vol byte lengths that do not match the declared sizes.
+    """
+    bad, count = [], 0
+    for path in files:
+        try:
+            for raw in tf.data.TFRecordDataset(path):
+                count += 1
+                problem = _record_problem(raw.numpy())
+                if problem:
+                    bad.append(f"{path} ({problem})")
+                    break
+        except (tf.errors.DataLossError, tf.errors.OpError) as err:
+            bad.append(f"{path} (truncated or corrupt: {err.message.splitlines()[0]})")
+    if bad:
+        where = f"{list_path}: " if list_path else ""
+        shown = "; ".join(bad[:10]) + (f"; +{len(bad) - 10} more" if len(bad) > 10 else "")
+        raise DataError(f"{where}{len(bad)} bad TFRecord file(s): {shown}")
+    return count
+
+
+def _record_problem(raw: bytes) -> str | None:
+    try:
+        feature = tf.train.Example.FromString(raw).features.feature
+        d = [feature[f"dsize_dim{i}"].int64_list.value[0] for i in range(3)]
+        data = feature["data_vol"].bytes_list.value[0]
+        label = feature["label_vol"].bytes_list.value[0]
+    except Exception:  # protobuf raises several types for malformed records
+        return "not a released-format slice record"
+    if len(data) != 4 * d[0] * d[1] * d[2]:
+        return f"data_vol has {len(data)} bytes, declared {d[0]}x{d[1]}x{d[2]} float32"
+    if len(label) not in (4 * d[0] * d[1], 12 * d[0] * d[1]):
+        return f"label_vol has {len(label)} bytes, expected {d[0]}x{d[1]}x1 or x3 float32"
+    return None
+
+
+def bad_record_message(err: tf.errors.OpError) -> str | None:
+    """"<file>: <problem>" of a failed parse_slice check, from the pipeline's error."""
+    found = re.search(r"\[BADRECORD\] \[(.*?)\] \[(.*?)\]", err.message or "")
+    return f"{found.group(1)}: {found.group(2)}" if found else None
 
 
 # ----------------------------------------------------------------------------- volumes
@@ -265,24 +348,31 @@ def zip_modalities(datasets: dict) -> tf.data.Dataset:
                                       {m: p[1] for m, p in zip(names, pairs)}))
 
 
-def slice_training_data(config: dict, train_lists: dict, val_lists: dict, augment=None):
+def slice_training_data(config: dict, train_lists: dict, val_lists: dict, augment=None,
+                        start_step: int = 0):
     """2D training and validation batches for every modality from their TFRecord lists.
 
-    Each modality gets its own seed (SEED + its index) so the two shuffles are independent.
+    Each modality gets its own seed (SEED + its index) so the two streams are independent.
+    With CHECK_DATA every record of every file is read once first (fail fast).
     """
-    seed = config.get("SEED")
+    seed = config.get("SEED") or 0
+    files = {m: check_list_files(p) for m, p in {**train_lists, **{
+        f"val_{k}": v for k, v in (val_lists or {}).items()}}.items()}
+    if config.get("CHECK_DATA", True):
+        for key, list_path in {**train_lists, **{f"val_{k}": v for k, v in
+                                                 (val_lists or {}).items()}}.items():
+            validate_tfrecords(files[key], list_path)
 
-    def build(lists, shuffle_seed_offset, aug):
-        out = {}
-        for i, (m, list_path) in enumerate(lists.items()):
-            files = check_list_files(list_path)
-            s = None if seed is None else seed + i + shuffle_seed_offset
-            out[m] = slice_dataset(files, config["IMAGE_SIZE"], config["BATCH_SIZE"],
-                                   seed=s, augment=aug)
-        return zip_modalities(out)
+    def build(lists, prefix, offset, start, aug):
+        return zip_modalities({
+            m: slice_dataset(files[prefix + m], config["IMAGE_SIZE"], config["BATCH_SIZE"],
+                             seed=seed + i + offset, start_step=start, augment=aug,
+                             n_class=config["N_CLASS"])
+            for i, m in enumerate(lists)})
 
-    train = build(train_lists, 0, augment)
-    val = build(val_lists, 100, None) if val_lists and len(val_lists) == len(train_lists) else None
+    train = build(train_lists, "", 0, start_step, augment)
+    val = (build(val_lists, "val_", 100, 0, None)
+           if val_lists and len(val_lists) == len(train_lists) else None)
     return train, val
 
 
@@ -354,7 +444,8 @@ def slab_starts(size, labelled, patch, u):
     return tf.stack([draw(u[2], room[0]), draw(u[3], room[1]), k])
 
 
-def slab_dataset(bank: VolumeBank, patch, batch_size: int, seed: int = 0) -> tf.data.Dataset:
+def slab_dataset(bank: VolumeBank, patch, batch_size: int, seed: int = 0,
+                 start_step: int = 0) -> tf.data.Dataset:
     """Endless batches (x [B, h, w, d, 1] float32, y [B, h, w, d] int32) of random slabs.
 
     The volumes stay in memory as tensors (captured by the map function, not embedded in a
@@ -379,22 +470,40 @@ def slab_dataset(bank: VolumeBank, patch, batch_size: int, seed: int = 0) -> tf.
         y = tf.cast(tf.slice(label, begin, [ph, pw, pd]), tf.int32)
         return tf.ensure_shape(x, [ph, pw, pd, 1]), tf.ensure_shape(y, [ph, pw, pd])
 
-    ds = tf.data.Dataset.counter(dtype=tf.int64)
+    # Element k depends only on (seed, k): a run resumed at step s starts at k = s * B.
+    ds = tf.data.Dataset.counter(start=start_step * batch_size, dtype=tf.int64)
     ds = ds.map(sample, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
-def load_training_volumes(list_path: str) -> list[tuple[np.ndarray, np.ndarray]]:
+def load_training_volumes(list_path: str, n_class: int | None = None
+                          ) -> list[tuple[np.ndarray, np.ndarray]]:
     """(image, label) arrays of every ``image,label`` entry of a volume list."""
     entries = check_list_files(list_path)
     bad = [e for e in entries if e.endswith(".npz") or len(e.split(",")) != 2]
     if bad:
         raise DataError(f"{list_path}: 3D training needs 'image,label' NIfTI pairs, got "
                         f"{bad[0]!r}")
-    return [(v.image, v.label) for v in (load_volume(e) for e in entries)]
+    out = []
+    for entry in entries:
+        v = load_volume(entry)
+        check_volume(v, entry.split(",")[0], n_class)
+        out.append((v.image, v.label))
+    return out
 
 
-def volume_training_data(config: dict, train_lists: dict, val_lists: dict):
+def check_volume(volume: Volume, path: str, n_class: int | None) -> None:
+    """DataError naming ``path`` for NaN/Inf in the image or labels outside 0..n_class-1."""
+    if not np.all(np.isfinite(volume.image)):
+        raise DataError(f"{path}: NaN or Inf in the image")
+    if n_class is not None and volume.label.size and (
+            volume.label.min() < 0 or volume.label.max() >= n_class):
+        raise DataError(f"{path}: label values {int(volume.label.min())}..."
+                        f"{int(volume.label.max())} outside 0..{n_class - 1}")
+
+
+def volume_training_data(config: dict, train_lists: dict, val_lists: dict,
+                         start_step: int = 0):
     """3D training and validation slab batches for every modality from their volume lists.
 
     Each modality gets its own seed (SEED + its index; validation + 100), as in 2D.
@@ -402,13 +511,13 @@ def volume_training_data(config: dict, train_lists: dict, val_lists: dict):
     seed = config.get("SEED") or 0
     patch = [int(p) for p in config["PATCH_SIZE"]]
 
-    def build(lists, offset):
+    def build(lists, offset, start):
         out = {}
         for i, (m, list_path) in enumerate(lists.items()):
-            bank = volume_bank(load_training_volumes(list_path), patch)
-            out[m] = slab_dataset(bank, patch, config["BATCH_SIZE"], seed + i + offset)
+            bank = volume_bank(load_training_volumes(list_path, config["N_CLASS"]), patch)
+            out[m] = slab_dataset(bank, patch, config["BATCH_SIZE"], seed + i + offset, start)
         return zip_modalities(out)
 
-    train = build(train_lists, 0)
-    val = build(val_lists, 100) if val_lists and len(val_lists) == len(train_lists) else None
+    train = build(train_lists, 0, start_step)
+    val = build(val_lists, 100, 0) if val_lists and len(val_lists) == len(train_lists) else None
     return train, val

@@ -82,27 +82,74 @@ class PerModality(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="ummkd")
-class ModalityBatchNorm(PerModality):
+class ModalityBatchNorm(keras.layers.Layer):
     """Batch normalisation with its own scale, shift and running statistics per modality.
 
-    With ``shared=True`` it is ordinary batch normalisation over the whole (mixed) batch,
-    which is the joint-training baseline.
+    The parameters are stacked, row k for modality k: gamma, beta, moving_mean and
+    moving_variance are [K, C]. A batch of M concatenated modalities is viewed as
+    [M, B*H*W(*D), C], so the statistics of every modality come out of one moments op and
+    one multiply-add normalises all of them: no split and concat per layer. Statistics are
+    computed in float32 whatever the compute precision.
+
+    With ``shared=True`` there is one row, applied to the whole (mixed) batch: ordinary
+    batch normalisation, the joint-training baseline.
     """
 
     def __init__(self, momentum: float = 0.9, epsilon: float = 1e-3, shared: bool = False,
                  modalities=MODALITIES, **kwargs):
-        super().__init__(shared=shared, modalities=modalities, **kwargs)
-        self.momentum = momentum
-        self.epsilon = epsilon
-        self._make_branches()
+        super().__init__(**kwargs)
+        self.momentum, self.epsilon = float(momentum), float(epsilon)
+        self.shared, self.modalities = bool(shared), tuple(modalities)
 
-    def make_branch(self, name):
-        return keras.layers.BatchNormalization(momentum=self.momentum, epsilon=self.epsilon,
-                                               center=True, scale=True, name=name)
+    def build(self, input_shape):
+        rows = 1 if self.shared else len(self.modalities)
+        shape = (rows, int(input_shape[-1]))
+        add = lambda name, init, trainable: self.add_weight(
+            shape=shape, initializer=init, name=name, trainable=trainable, autocast=False)
+        self.gamma = add("gamma", "ones", True)
+        self.beta = add("beta", "zeros", True)
+        self.moving_mean = add("moving_mean", "zeros", False)
+        self.moving_variance = add("moving_variance", "ones", False)
+        self.built = True
+
+    def rows(self, modalities) -> list[int]:
+        """Parameter rows of the given modalities (one shared row for a shared layer)."""
+        return [0] if self.shared else [self.modalities.index(m) for m in modalities]
+
+    def call(self, x, modalities=MODALITIES, training=None):
+        rows = self.rows(tuple(modalities))
+        channels = x.shape[-1]
+        groups = tf.reshape(x, [len(rows), -1, channels])
+        take = lambda v: tf.gather(v, rows)[:, None, :] if len(rows) < v.shape[0] or rows != list(
+            range(v.shape[0])) else v[:, None, :]
+        if training:
+            mean, var = tf.nn.moments(tf.cast(groups, tf.float32), axes=[1], keepdims=True)
+            self._update(self.moving_mean, rows, mean[:, 0, :])
+            self._update(self.moving_variance, rows, var[:, 0, :])
+        else:
+            mean, var = take(self.moving_mean), take(self.moving_variance)
+        scale = take(self.gamma) * tf.math.rsqrt(var + self.epsilon)
+        shift = take(self.beta) - mean * scale
+        y = groups * tf.cast(scale, x.dtype) + tf.cast(shift, x.dtype)
+        return tf.reshape(y, tf.shape(x))
+
+    def _update(self, variable, rows, value):
+        value = tf.stop_gradient(value)
+        if rows == list(range(variable.shape[0])):
+            variable.assign(variable * self.momentum + value * (1.0 - self.momentum))
+        else:
+            idx = tf.constant([[r] for r in rows])
+            old = tf.gather_nd(variable, idx)
+            variable.assign(tf.tensor_scatter_nd_update(
+                variable, idx, old * self.momentum + value * (1.0 - self.momentum)))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
 
     def get_config(self):
         config = super().get_config()
-        config.update(momentum=self.momentum, epsilon=self.epsilon)
+        config.update(momentum=self.momentum, epsilon=self.epsilon, shared=self.shared,
+                      modalities=list(self.modalities))
         return config
 
 

@@ -19,7 +19,8 @@ from lib.config import ConfigError, load_config
 from lib.data import DataError
 from lib.runtime import get_logger, setup_runtime
 from lib.train import (CONFIG_FILE, LOG_FILE, NETWORK_KEYS, Trainer, TrainingError,
-                       config_differences, model_variables, prepare_output)
+                       check_output, config_differences, first_batch, latest_step,
+                       model_variables, start_output)
 
 MODALITY_LISTS = {"mr": ("SOURCE_TRAIN_LIST", "SOURCE_VAL_LIST", "SOURCE_TEST_LIST"),
                   "ct": ("TARGET_TRAIN_LIST", "TARGET_VAL_LIST", "TARGET_TEST_LIST")}
@@ -30,7 +31,8 @@ class Network:
     """What differs between the 2D and the 3D variant."""
     name: str
     build_model: Callable        # config -> built Keras model
-    train_datasets: Callable     # (config, lists {m: train list}, val lists) -> (train, val)
+    train_datasets: Callable     # (config, {m: train list}, {m: val list}, start step)
+                                 # -> (train, val) datasets, resumable at the start step
     predictor: Callable          # (model, config) -> predict(modality, image_hwd) -> labels
     prepare_data: Callable | None = None  # config -> None: create demo data if needed
 
@@ -85,22 +87,32 @@ def train_and_evaluate(config: dict, network: Network) -> dict | None:
         network.prepare_data(config)
     lists = {m: {k: config[key] for k, key in zip(("train", "val", "test"), keys)}
              for m, keys in MODALITY_LISTS.items()}
-    if phase in ("train", "train_test"):
-        prepare_output(config, output_path, print)
-    logger = get_logger(output_path if phase != "test" else None)
+    if phase in ("test", "train_test"):  # fail before training, not after it
+        from lib.data import check_list_files
+        for m in lists:
+            check_list_files(lists[m]["test"])
+    training = phase in ("train", "train_test")
+    # Everything that can be wrong is checked before the first write to OUTPUT_PATH.
+    action = check_output(config, output_path) if training else None
+    logger = get_logger(None)
     logger.info(f"{network.name}: preset {config.get('PRESET')}, scheme {config['SCHEME']}, "
                 f"precision {precision}, output {output_path}")
     model = network.build_model(config)
     n_params = sum(int(v.shape.num_elements()) for v in model.trainable_variables)
     logger.info(f"trainable parameters: {n_params:,}")
     checkpoint = config.get("TEST_MODEL") or None
-    if phase in ("train", "train_test"):
+    if training:
+        start = latest_step(output_path) if action == "resume" else 0
         train, val = network.train_datasets(
             config, {m: lists[m]["train"] for m in lists},
-            {m: lists[m]["val"] for m in lists if lists[m]["val"]})
+            {m: lists[m]["val"] for m in lists if lists[m]["val"]}, start)
+        train_iter, batch = first_batch(train)
+        start_output(config, output_path, action, logger)
+        logger = get_logger(output_path)
         trainer = Trainer(config, model, output_path, logger)
-        trainer.restore()
-        checkpoint = trainer.fit(train, val)
+        if trainer.restore() != start:
+            raise TrainingError(f"{output_path}: restored step {trainer.step}, expected {start}")
+        checkpoint = trainer.fit(train_iter, val, first_batch=batch)
     if phase == "train":
         return None
     checkpoint = _restore_for_test(model, config, checkpoint, output_path, logger)

@@ -152,8 +152,13 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------ the loop
-    def fit(self, train_data, val_data=None, num_steps: int | None = None) -> str | None:
-        """Train until NUM_STEPS; ``train_data``/``val_data`` yield ({m: x}, {m: y}) pairs."""
+    def fit(self, train_data, val_data=None, num_steps: int | None = None,
+            first_batch=None) -> str | None:
+        """Train until NUM_STEPS; ``train_data``/``val_data`` yield ({m: x}, {m: y}) pairs.
+
+        ``first_batch``: a batch already taken from ``train_data`` (to check the data before
+        anything is written); it is used for the first step.
+        """
         cfg = self.config
         num_steps = cfg["NUM_STEPS"] if num_steps is None else num_steps
         display, summary_every = cfg["DISPLAY_STEP"], cfg.get("SUMMARY_STEP", 10)
@@ -177,7 +182,13 @@ class Trainer:
         try:
             with open(log_path, "a", encoding="utf-8") as log_file:
                 while self.step < num_steps:
-                    images, labels = next(train_iter)
+                    try:
+                        if first_batch is not None:
+                            (images, labels), first_batch = first_batch, None
+                        else:
+                            images, labels = next(train_iter)
+                    except tf.errors.OpError as err:
+                        raise TrainingError(_data_error(err, self.step)) from None
                     terms = self.train_step(images, labels)
                     step = self.step
                     total = float(terms["total"])
@@ -256,6 +267,26 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- helpers
+def first_batch(dataset):
+    """(iterator, its first batch), or TrainingError naming a bad record."""
+    iterator = iter(dataset)
+    try:
+        return iterator, next(iterator)
+    except tf.errors.OpError as err:
+        raise TrainingError(_data_error(err, 0)) from None
+
+
+def _data_error(err, step: int) -> str:
+    from lib.data import bad_record_message
+
+    where = bad_record_message(err)
+    if where:
+        return f"step {step}: bad training record {where}"
+    first = err.message.strip().splitlines()[0] if err.message else type(err).__name__
+    return (f"step {step}: reading the training data failed ({first}); run with "
+            "--check_data=true to find the bad file")
+
+
 def _progress(start, total, enabled):
     from tqdm import tqdm
 
@@ -295,29 +326,45 @@ def _label_image(labels, n_class):
                                                n_class - 1))
 
 
-def prepare_output(config: dict, output_path: str, logger) -> None:
-    """Check OUTPUT_PATH against the configuration, then save the configuration there.
+def check_output(config: dict, output_path: str) -> str:
+    """What to do with OUTPUT_PATH, without touching it: "new", "resume" or "start_over".
 
     A run of the same configuration is resumed; a run of a different one is refused
-    unless START_OVER (the old run is moved aside, never deleted) or RESUME (continue it
-    with the new settings) is set.
+    unless START_OVER (the old run will be moved aside, never deleted) or RESUME (continue
+    it with the new settings, same network only) is set.
     """
     path = os.path.join(output_path, CONFIG_FILE)
-    if os.path.exists(path):
-        saved = load_config(path)
-        diffs = config_differences(saved, config)
-        if diffs and config.get("START_OVER"):
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            moved = f"{output_path.rstrip(os.sep)}.old-{stamp}"
-            os.replace(output_path, moved)
-            logger.info(f"START_OVER: moved the previous run to {moved}")
-        elif diffs and not config.get("RESUME"):
-            raise ConfigError(f"{output_path}: holds a run of a different configuration ("
-                              + "; ".join(diffs) + "); set --resume=true to continue it or "
-                              "--start_over=true to move it aside and start again")
-        elif diffs:
-            net = config_differences(saved, config, NETWORK_KEYS)
-            if net:
-                raise ConfigError(f"{output_path}: cannot resume a different network ("
-                                  + "; ".join(net) + ")")
+    if not os.path.exists(path):
+        if os.path.isdir(os.path.join(output_path, "checkpoints")) and not config.get("START_OVER"):
+            raise ConfigError(f"{output_path}: holds checkpoints but no {CONFIG_FILE}; set "
+                              "--start_over=true to move them aside and start again")
+        return "start_over" if os.path.isdir(output_path) and config.get("START_OVER") else "new"
+    saved = load_config(path)
+    diffs = config_differences(saved, config)
+    if config.get("START_OVER"):
+        return "start_over"
+    if diffs and not config.get("RESUME"):
+        raise ConfigError(f"{output_path}: holds a run of a different configuration ("
+                          + "; ".join(diffs) + "); set --resume=true to continue it or "
+                          "--start_over=true to move it aside and start again")
+    net = config_differences(saved, config, NETWORK_KEYS)
+    if net:
+        raise ConfigError(f"{output_path}: cannot resume a different network ("
+                          + "; ".join(net) + "); set --start_over=true or use another "
+                          "OUTPUT_PATH")
+    return "resume"
+
+
+def latest_step(output_path: str) -> int:
+    """Step of the latest complete checkpoint of a run (0 when there is none)."""
+    prefix = tf.train.latest_checkpoint(os.path.join(output_path, "checkpoints"))
+    return int(prefix.rsplit("-", 1)[1]) if prefix else 0
+
+
+def start_output(config: dict, output_path: str, action: str, logger) -> None:
+    """Carry out check_output's decision and save the configuration (the first write)."""
+    if action == "start_over" and os.path.isdir(output_path):
+        moved = f"{output_path.rstrip(os.sep)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(output_path, moved)
+        logger.info(f"START_OVER: moved the previous run to {moved}")
     save_config(config, os.path.join(output_path, CONFIG_FILE))

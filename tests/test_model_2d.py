@@ -24,8 +24,8 @@ def test_paper_size_parameter_count():
     # Hand count of conv weights (see model_2d docstring): 39,297,456 3x3 kernels plus the
     # 5x5 output conv 40*5*25 = 5,000.
     assert n_weights(conv_kernels(model)) == 39_302_456
-    gammas = [v for v in model.trainable_variables if "gamma" in v.path and "bn_mr" in v.path]
-    assert 2 * n_weights(gammas) == 20_192  # scale + shift per BN channel, per modality
+    gammas = [layer.gamma for layer in bn_layers(model)]  # [2 modalities, channels] each
+    assert n_weights(gammas) == 20_192  # = 2 * 10,096: scale + shift per channel, per modality
 
 
 def test_adding_a_modality_adds_only_bn_variables():
@@ -48,15 +48,36 @@ def test_individual_doubles_conv_weights():
 
 
 def test_each_modality_bn_moves_only_its_own_statistics():
-    bn = ModalityBatchNorm()
+    bn = ModalityBatchNorm()  # rows: 0 = mr, 1 = ct
     x = tf.constant(np.random.default_rng(0).normal(3.0, 2.0, (4, 2, 2, 3)), tf.float32)
     bn(x, modalities=("ct",), training=False)  # build
-    mr_before = bn.branch("mr").moving_mean.numpy().copy()
     bn(x, modalities=("ct",), training=True)
-    assert np.array_equal(bn.branch("mr").moving_mean.numpy(), mr_before)
+    moving = bn.moving_mean.numpy()
+    np.testing.assert_array_equal(moving[0], 0.0)  # MR untouched
     # momentum 0.9: new mean = 0.9 * 0 + 0.1 * batch mean
-    expected = 0.1 * x.numpy().mean(axis=(0, 1, 2))
-    assert bn.branch("ct").moving_mean.numpy() == pytest.approx(expected, rel=1e-5)
+    assert moving[1] == pytest.approx(0.1 * x.numpy().mean(axis=(0, 1, 2)), rel=1e-5)
+
+
+def test_fused_bn_normalises_each_modality_with_its_own_statistics():
+    rng = np.random.default_rng(3)
+    xm, xc = rng.normal(0, 1, (2, 3, 3, 4)), rng.normal(5, 3, (2, 3, 3, 4))
+    bn = ModalityBatchNorm(epsilon=1e-3)
+    bn.build((4, 3, 3, 4))
+    gamma = np.array([[1, 2, 3, 4], [0.5, 0.5, 0.5, 0.5]], np.float32)
+    beta = np.array([[0, 0, 0, 0], [1, 1, 1, 1]], np.float32)
+    bn.gamma.assign(gamma)
+    bn.beta.assign(beta)
+    y = bn(tf.constant(np.concatenate([xm, xc]), tf.float32), training=True).numpy()
+    for k, part in enumerate((xm, xc)):
+        mean, var = part.mean((0, 1, 2)), part.var((0, 1, 2))
+        ref = (part - mean) / np.sqrt(var + 1e-3) * gamma[k] + beta[k]
+        np.testing.assert_allclose(y[2 * k:2 * k + 2], ref, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(bn.moving_variance.numpy()[k], 0.9 + 0.1 * var, rtol=1e-5)
+    # inference uses the moving statistics of the requested modality only
+    z = bn(tf.constant(xc, tf.float32), modalities=("ct",), training=False).numpy()
+    mm, mv = bn.moving_mean.numpy()[1], bn.moving_variance.numpy()[1]
+    np.testing.assert_allclose(z, (xc - mm) / np.sqrt(mv + 1e-3) * gamma[1] + beta[1],
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_fused_batch_equals_separate_passes():

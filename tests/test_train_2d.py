@@ -41,8 +41,10 @@ def test_train_resume_and_test(tiny_data, tmp_path):
     assert ("mr/prediction", "images") in tags
     assert "dice/ct/b" in {t for t, _ in event_tags(os.path.join(out, "logs", "val"))}
 
-    # A second run with more steps resumes at step 4 and continues to 6.
-    assert run(tiny_overrides(tiny_data, out, phase="train", num_steps=6)) == 0
+    # A second run with more steps resumes at step 4, continues to 6 and tests the model
+    # in memory.
+    assert run(tiny_overrides(tiny_data, out, phase="train_test", num_steps=6)) == 0
+    in_memory = json.load(open(os.path.join(out, "results", "metrics.json")))
     log = open(os.path.join(out, "train.log")).read()
     assert "model-4 at step 4" in log and "training steps 4..6" in log
     assert tf.train.latest_checkpoint(ckpts).endswith("model-6")
@@ -52,6 +54,9 @@ def test_train_resume_and_test(tiny_data, tmp_path):
     assert run(tiny_overrides(tiny_data, out, phase="test", test_model=prefix)) == 0
     report = json.load(open(os.path.join(out, "results", "metrics.json")))
     assert report["checkpoint"] == prefix and report["classes"] == ["a", "b"]
+    # The restored checkpoint (weights and BN statistics) gives exactly the same results.
+    for m in ("mr", "ct"):
+        assert report[m]["cases"] == in_memory[m]["cases"]
     for m in ("mr", "ct"):
         assert set(report[m]["dice_mean"]) == {"a", "b"}
         assert 0.0 <= report[m]["dice_avg"] <= 1.0

@@ -1,0 +1,179 @@
+"""Bad input, crashes and misuse: one-line errors, exit status 2, nothing on disk changed,
+and runs that survive SIGKILL, SIGINT and NaN losses."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import main_combine
+from conftest import ROOT, tiny_overrides, write_tiny_dataset
+from lib.data import encode_slice, read_list, write_slices
+from lib.pipeline import main
+
+
+def run(args):
+    return main(vars(main_combine), main_combine.network, args, main_combine.PRESETS,
+                main_combine.TYPES, main_combine._ROOT)
+
+
+def error_line(capsys):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_tiny_dataset(str(tmp_path / "data"))
+
+
+def test_truncated_tfrecord(data, tmp_path, capsys):
+    bad = read_list(data["ct"]["train"])[3]
+    raw = open(bad, "rb").read()
+    open(bad, "wb").write(raw[: len(raw) // 2])
+    out = str(tmp_path / "run")
+    assert run(tiny_overrides(data, out, phase="train")) == 2
+    err = error_line(capsys)
+    assert bad in err and "truncated or corrupt" in err
+    assert not os.path.exists(out)  # nothing written
+
+
+def test_record_with_wrong_byte_length(data, tmp_path, capsys):
+    bad = read_list(data["mr"]["val"])[0]
+    ex = tf.train.Example.FromString(encode_slice(np.zeros((16, 16, 3)), np.zeros((16, 16))))
+    ex.features.feature["data_vol"].bytes_list.value[0] = b"\0" * (16 * 16 * 2 * 4)
+    with tf.io.TFRecordWriter(bad) as w:
+        w.write(ex.SerializeToString())
+    out = str(tmp_path / "run")
+    assert run(tiny_overrides(data, out, phase="train")) == 2
+    err = error_line(capsys)
+    assert bad in err and "data_vol has 2048 bytes" in err
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("kind", ["label", "nan"])
+def test_bad_values_met_in_a_batch_name_the_file(data, tmp_path, capsys, kind):
+    files = read_list(data["mr"]["train"])
+    for path in files:  # every MR slice bad, so the first batch meets one
+        image = np.zeros((16, 16, 3), np.float32)
+        label = np.zeros((16, 16))
+        if kind == "label":
+            label[0, 0] = 3  # N_CLASS = 3: valid labels are 0..2
+        else:
+            image[1, 1, 1] = np.nan
+        write_slices(path, [(image, label)])
+    out = str(tmp_path / "run")
+    assert run(tiny_overrides(data, out, phase="train")) == 2
+    err = error_line(capsys)
+    assert any(f in err for f in files)
+    assert ("label values outside 0..2" if kind == "label" else "NaN or Inf") in err
+    assert not os.path.exists(out)
+
+
+def test_list_naming_missing_files_names_them_all(data, tmp_path, capsys):
+    with open(data["ct"]["train"], "a") as handle:
+        handle.write("gone_1.tfrecords\ngone_2.tfrecords\n")
+    out = str(tmp_path / "run")
+    assert run(tiny_overrides(data, out, phase="train")) == 2
+    err = error_line(capsys)
+    assert "2 listed file(s) do not exist" in err and "gone_1" in err and "gone_2" in err
+    assert not os.path.exists(out)
+
+
+def test_missing_and_mismatched_test_checkpoints(data, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert run(tiny_overrides(data, out, phase="train", num_steps=2)) == 0
+    prefix = os.path.join(out, "checkpoints", "model-2")
+    assert run(tiny_overrides(data, out, phase="test", test_model=prefix + "x")) == 2
+    assert "does not exist" in error_line(capsys)
+    assert run(tiny_overrides(data, out, phase="test", test_model=prefix, feature_base=4,
+                              scheme="joint")) == 2
+    err = error_line(capsys)
+    assert "FEATURE_BASE=2 there, 4 now" in err and "SCHEME='ummkd' there, 'joint' now" in err
+
+
+def test_start_over_moves_the_old_run_aside(data, tmp_path):
+    out = str(tmp_path / "run")
+    assert run(tiny_overrides(data, out, phase="train", num_steps=2)) == 0
+    assert run(tiny_overrides(data, out, phase="train", num_steps=2, feature_base=4,
+                              start_over=True)) == 0
+    old = [p for p in os.listdir(tmp_path) if p.startswith("run.old-")]
+    assert len(old) == 1
+    assert os.path.exists(tmp_path / old[0] / "checkpoints" / "model-2.index")
+    assert json.load(open(os.path.join(out, "config.json")))["FEATURE_BASE"] == 4
+
+
+def test_nan_loss_stops_and_keeps_earlier_checkpoints(data, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert run(tiny_overrides(data, out, phase="train", num_steps=2)) == 0
+    capsys.readouterr()
+    # An L2 weight of 1e38 makes the loss infinite at the first step after the resume.
+    assert run(tiny_overrides(data, out, phase="train", num_steps=6, resume=True,
+                              miu_seg_l2_norm=1e38)) == 2
+    err = error_line(capsys)
+    assert "step 3: the loss is inf" in err
+    assert tf.train.latest_checkpoint(os.path.join(out, "checkpoints")).endswith("model-2")
+
+
+def _cmd(data, out, **extra):
+    args = tiny_overrides(data, out, phase="train", deterministic=True, **extra)
+    return [sys.executable, os.path.join(ROOT, "main_combine.py")] + args
+
+
+def _losses(out):
+    """Last logged total loss of every step (a killed run may have logged a step twice)."""
+    losses = {}
+    for line in open(os.path.join(out, "log.jsonl")):
+        record = json.loads(line)
+        losses[record["step"]] = record["loss/total"]
+    return losses
+
+
+def _wait_for(path, proc, timeout=120):
+    t0 = time.time()
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout
+        time.sleep(0.05)
+
+
+def test_sigkill_resume_matches_an_uninterrupted_run(data, tmp_path):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    steps = dict(num_steps=30, checkpoint_space=5, display_step=1000)
+    ref = str(tmp_path / "ref")
+    subprocess.run(_cmd(data, ref, **steps), check=True, capture_output=True, env=env)
+    out = str(tmp_path / "killed")
+    proc = subprocess.Popen(_cmd(data, out, **steps), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    _wait_for(os.path.join(out, "checkpoints", "model-10.index"), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed_at = int(tf.train.latest_checkpoint(os.path.join(out, "checkpoints")).split("-")[-1])
+    assert 10 <= resumed_at < 30
+    subprocess.run(_cmd(data, out, **steps), check=True, capture_output=True, env=env)
+    log = open(os.path.join(out, "train.log")).read()
+    assert f"model-{resumed_at} at step {resumed_at}" in log
+    a, b = _losses(out), _losses(ref)
+    assert sorted(a) == sorted(b) == list(range(1, 31))
+    assert [a[s] for s in range(1, 31)] == [b[s] for s in range(1, 31)]  # bit for bit
+
+
+def test_sigint_writes_a_checkpoint_and_exits(data, tmp_path):
+    out = str(tmp_path / "run")
+    proc = subprocess.Popen(_cmd(data, out, num_steps=100000, checkpoint_space=5),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    _wait_for(os.path.join(out, "checkpoints", "model-5.index"), proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "interrupted" in err and "Traceback" not in err
+    step = int(tf.train.latest_checkpoint(os.path.join(out, "checkpoints")).split("-")[-1])
+    assert step >= 5  # the checkpoint written on the interrupt (or a later regular one)
+    assert f"interrupted at step {step}" in open(os.path.join(out, "train.log")).read()
