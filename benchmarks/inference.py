@@ -1,0 +1,75 @@
+"""Seconds per test volume of the 2D and the 3D network, with the achieved TFLOP/s.
+
+    python benchmarks/inference.py --model=2d --size=256 --depth=120 --feature_base=16
+    python benchmarks/inference.py --model=3d --size=256 --depth=120 --patch=256,256,8
+
+Predicts a random volume [size, size, depth] with the project's own test-phase code
+(lib.evaluate: every slice in 2D, overlapping slabs in 3D) after one warm-up volume, and
+counts the convolution FLOPs of the forward passes it makes. Prints ONE JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "3d_implementation"))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from benchmarks.train_step import conv_flops  # noqa: E402
+from lib import evaluate  # noqa: E402
+from lib.runtime import setup_runtime  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", choices=("2d", "3d"), default="2d")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--depth", type=int, default=120)
+    p.add_argument("--patch", type=lambda s: [int(v) for v in s.split(",")], default=[256, 256, 8])
+    p.add_argument("--feature_base", type=int, default=16)
+    p.add_argument("--n_class", type=int, default=5)
+    p.add_argument("--batch_size", type=int, default=16, help="slices (2D) per forward pass")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="auto")
+    args = p.parse_args(argv)
+    config = dict(N_CLASS=args.n_class, FEATURE_BASE=args.feature_base, SCHEME="ummkd",
+                  SEED=0, PRECISION=args.precision)
+    precision = setup_runtime(config)
+    volume = np.random.default_rng(0).normal(size=(args.size, args.size, args.depth))
+    if args.model == "2d":
+        from model_2d import build_model
+        model = build_model(config)
+        fn = evaluate.make_predict_fn_2d(model, args.size)
+        predict = lambda: evaluate.predict_volume_2d(fn, "ct", volume, args.size, args.batch_size)
+        flops = conv_flops(model, tf.zeros([1, args.size, args.size, 3]), ("ct",)) * args.depth
+    else:
+        from model_3d import build_model
+        model = build_model(config)
+        fn = evaluate.make_predict_fn_3d(model, args.patch)
+        predict = lambda: evaluate.predict_volume_3d(fn, "ct", volume, args.patch, args.n_class)
+        ph, pw, pd = args.patch
+        windows = (len(evaluate.window_starts(args.size, ph, ph // 2)) ** 2
+                   * len(evaluate.window_starts(args.depth, pd, max(1, pd // 2))))
+        flops = conv_flops(model, tf.zeros([1, ph, pw, pd, 1]), ("ct",)) * windows
+    predict()  # warm-up: tracing and first-call costs
+    t = time.perf_counter()
+    predict()
+    seconds = time.perf_counter() - t
+    out = {"model": args.model, "volume": [args.size, args.size, args.depth],
+           "feature_base": args.feature_base, "precision": precision,
+           "seconds_per_volume": seconds, "gflop_per_volume": flops / 1e9,
+           "achieved_tflops": flops / seconds / 1e12}
+    if args.model == "3d":
+        out["patch"] = args.patch
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
