@@ -70,6 +70,7 @@ PROGRESS = True              # show a progress bar
 
 TYPES = {"TENSORBOARD_PORT": int}  # types of settings whose constant is None
 _DEMO = "data/generated/demo"       # where the demo (phantom) data are generated
+_DEMO_SEED = 0                      # the demo data are the same whatever SEED (which seeds training)
 _ABDOMEN = "data/generated/abdomen"  # where README's commands prepare the real abdominal pair
 PRESETS = {
     "custom": {},
@@ -83,7 +84,7 @@ PRESETS = {
         SOURCE_TEST_LIST=f"{_DEMO}/mr/test_list.txt", TARGET_TEST_LIST=f"{_DEMO}/ct/test_list.txt"),
     "abdomen": dict(
         OUTPUT_PATH="output/2d_abdomen", IMAGE_SIZE=64, FEATURE_BASE=8, BATCH_SIZE=4,
-        NUM_STEPS=1000, LR_DECAY_STEPS=100, CHECKPOINT_SPACE=250, DISPLAY_STEP=250,
+        NUM_STEPS=1500, LR_DECAY_STEPS=100, CHECKPOINT_SPACE=250, DISPLAY_STEP=250,
         CLASS_NAMES=["liver", "right_kidney", "left_kidney", "spleen"],
         SOURCE_TRAIN_LIST=f"{_ABDOMEN}/mr_train/train_list.txt", SOURCE_VAL_LIST="",
         TARGET_TRAIN_LIST=f"{_ABDOMEN}/ct_train/train_list.txt", TARGET_VAL_LIST="",
@@ -98,7 +99,7 @@ def network():
     """The 2D variant for lib.pipeline: model, slice batches, slice-wise prediction."""
     sys.path.insert(0, _ROOT)
     from lib.data import slice_training_data
-    from lib.evaluate import make_predict_fn_2d, predict_volume_2d
+    from lib.evaluate import make_predict_fn, predict_volume_2d
     from lib.pipeline import Network
     from model_2d import build_model
 
@@ -110,14 +111,14 @@ def network():
         return slice_training_data(config, train_lists, val_lists, augment, start_step)
 
     def predictor(model, config):
-        fn = make_predict_fn_2d(model, config["IMAGE_SIZE"])
+        fn = make_predict_fn(model, [config["IMAGE_SIZE"]] * 2 + [3])
         return lambda m, image: predict_volume_2d(fn, m, image, config["IMAGE_SIZE"],
                                                   config["TEST_BATCH"])
 
     def prepare_data(config):
         if config.get("PRESET") == "demo":
             from data.demo import ensure_demo_data
-            ensure_demo_data(os.path.join(_ROOT, _DEMO), config["IMAGE_SIZE"], config["SEED"])
+            ensure_demo_data(os.path.join(_ROOT, _DEMO), config["IMAGE_SIZE"], _DEMO_SEED)
 
     return Network("UMMKD 2D", build_model, datasets, predictor, prepare_data)
 

@@ -69,6 +69,7 @@ PROGRESS = True              # show a progress bar
 
 TYPES = {"TENSORBOARD_PORT": int}  # types of settings whose constant is None
 _DEMO = "data/generated/demo"       # where the demo (phantom) data are generated
+_DEMO_SEED = 0                      # the demo data are the same whatever SEED (which seeds training)
 _DEMO_IMAGE_SIZE = 64               # in-plane size of the demo data (shared with the 2D demo)
 PRESETS = {
     "custom": {},
@@ -94,20 +95,20 @@ def network():
         if path not in sys.path:
             sys.path.insert(0, path)
     from lib.data import volume_training_data
-    from lib.evaluate import make_predict_fn_3d, predict_volume_3d
+    from lib.evaluate import make_predict_fn, predict_volume_3d
     from lib.pipeline import Network
     from model_3d import build_model
 
     def predictor(model, config):
         patch = [int(p) for p in config["PATCH_SIZE"]]
-        fn = make_predict_fn_3d(model, patch)  # compiled once per modality, reused per volume
+        fn = make_predict_fn(model, [*patch, 1])  # compiled once per modality, reused per volume
         return lambda m, image: predict_volume_3d(fn, m, image, patch, config["N_CLASS"],
                                                   config["TEST_STRIDE"] or None)
 
     def prepare_data(config):
         if config.get("PRESET") == "demo":
             from data.demo import ensure_demo_data
-            ensure_demo_data(os.path.join(_ROOT, _DEMO), _DEMO_IMAGE_SIZE, config["SEED"])
+            ensure_demo_data(os.path.join(_ROOT, _DEMO), _DEMO_IMAGE_SIZE, _DEMO_SEED)
 
     return Network("UMMKD 3D", build_model, volume_training_data, predictor, prepare_data)
 

@@ -46,13 +46,13 @@ def main(argv=None):
     if args.model == "2d":
         from model_2d import build_model
         model = build_model(config)
-        fn = evaluate.make_predict_fn_2d(model, args.size)
+        fn = evaluate.make_predict_fn(model, [args.size, args.size, 3])
         predict = lambda: evaluate.predict_volume_2d(fn, "ct", volume, args.size, args.batch_size)
         flops = conv_flops(model, tf.zeros([1, args.size, args.size, 3]), ("ct",)) * args.depth
     else:
         from model_3d import build_model
         model = build_model(config)
-        fn = evaluate.make_predict_fn_3d(model, args.patch)
+        fn = evaluate.make_predict_fn(model, [*args.patch, 1])
         predict = lambda: evaluate.predict_volume_3d(fn, "ct", volume, args.patch, args.n_class)
         ph, pw, pd = args.patch
         windows = (len(evaluate.window_starts(args.size, ph, ph // 2)) ** 2

@@ -35,14 +35,17 @@ def stack_context(image_hwd: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(image_hwd[:, :, idx], (2, 0, 1, 3)))
 
 
-def make_predict_fn_2d(model, image_size: int):
-    """A compiled function (x [N, S, S, 3], modality) -> softmax [N, S, S, C] float32."""
+def make_predict_fn(model, example_shape):
+    """modality -> a compiled function x [N, *example_shape] -> softmax [N, ..., C] float32.
+
+    example_shape is [S, S, 3] for the 2D network and [h, w, d, 1] for the 3D one; each
+    modality's function is traced once and reused for every volume.
+    """
     fns = {}
 
     def for_modality(modality):
         if modality not in fns:
-            @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 3],
-                                                        tf.float32)])
+            @tf.function(input_signature=[tf.TensorSpec([None, *example_shape], tf.float32)])
             def predict(x):
                 logits = model(x, modalities=(modality,), training=False)
                 return tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
@@ -89,23 +92,6 @@ def window_starts(size: int, patch: int, stride: int) -> list[int]:
     if starts[-1] + patch < size:
         starts.append(size - patch)
     return starts
-
-
-def make_predict_fn_3d(model, patch):
-    """A compiled function (x [N, h, w, d, 1], modality) -> softmax [N, h, w, d, C]."""
-    fns = {}
-
-    def for_modality(modality):
-        if modality not in fns:
-            @tf.function(input_signature=[tf.TensorSpec([None] + list(patch) + [1],
-                                                        tf.float32)])
-            def predict(x):
-                logits = model(x, modalities=(modality,), training=False)
-                return tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
-            fns[modality] = predict
-        return fns[modality]
-
-    return for_modality
 
 
 def predict_volume_3d(predict_fn, modality: str, image_hwd: np.ndarray, patch, n_class: int,

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from conftest import ROOT, tiny_volume
 from lib.data import slab_dataset, slab_starts, volume_bank, write_list
-from lib.evaluate import make_predict_fn_3d, predict_volume_3d, window_starts
+from lib.evaluate import make_predict_fn, predict_volume_3d, window_starts
 from lib.layers import bn_layers, conv_kernels
 
 HERE_3D = os.path.join(ROOT, "3d_implementation")
@@ -129,7 +129,7 @@ def test_sliding_window_matches_one_forward_pass():
         value = rng.normal(size=v.shape)
         v.assign((np.abs(value) + 0.5 if "variance" in v.path else value).astype(np.float32))
     image, _ = tiny_volume(rng, 16, 8)
-    fn = make_predict_fn_3d(model, (16, 16, 8))
+    fn = make_predict_fn(model, (16, 16, 8, 1))
     pred = predict_volume_3d(fn, "ct", image, (16, 16, 8), 3)
     logits = model(image[None, ..., None], modalities=("ct",), training=False).numpy()[0]
     top2 = np.sort(logits, axis=-1)[..., -2:]
