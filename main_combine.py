@@ -16,13 +16,12 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep errors to one readable line
 
+from lib.settings import *  # noqa: E402,F401,F403  shared with 3D: run control, loss, bookkeeping
+
 # --- what to run
 PRESET = "demo"              # "demo" | "paper" | "abdomen" | "custom" (values below as written)
 PHASE = "train_test"         # "train", "test" or "train_test"
 OUTPUT_PATH = "output/2d_paper"  # checkpoints, logs, config.json and results/ go here
-TEST_MODEL = ""              # checkpoint prefix to test; empty = latest of OUTPUT_PATH
-RESUME = False               # continue a run in OUTPUT_PATH even if its settings differ
-START_OVER = False           # move a different run in OUTPUT_PATH aside and start again
 
 # --- data (list files: one TFRecord per line for training, image,label or .npz for test)
 SOURCE_TRAIN_LIST = "data/released/lists/mr_train_list"  # MR (source) training slices
@@ -31,44 +30,26 @@ TARGET_TRAIN_LIST = "data/released/lists/ct_train_list"  # CT (target) training 
 TARGET_VAL_LIST = "data/released/lists/ct_val_list"      # CT validation slices
 SOURCE_TEST_LIST = "data/released/lists/mr_test_list"    # MR test volumes
 TARGET_TEST_LIST = "data/released/lists/ct_test_list"    # CT test volumes
-NPZ_FLIP = True              # flip axes 0 and 1 of .npz test volumes (the original's layout)
 AUGMENT = False              # on-the-fly rotation/scale/shift/intensity augmentation
-CLASS_NAMES = ["lv_myo", "la_blood", "lv_blood", "aa"]  # names of classes 1..N_CLASS-1
 
 # --- network
 NETWORK = "dilated_resnet_2d"  # recorded with checkpoints so another network's are refused
 IMAGE_SIZE = 256             # input height and width (a multiple of 8)
-N_CLASS = 5                  # classes including background
 FEATURE_BASE = 16            # f: channels of the first stage
-SCHEME = "ummkd"             # sharing scheme: ummkd, separate_bn, joint, individual, y_shape, x_shape
 DROPOUT = 0.25               # dropout rate after each convolution (training only)
 
 # --- optimisation
 BATCH_SIZE = 8               # slices per modality per step
 NUM_STEPS = 150000           # training steps
 LEARNING_RATE = 1e-3         # Adam learning rate at step 0
-LR_DECAY = 0.95              # learning-rate factor ...
-LR_DECAY_STEPS = 1000        # ... applied every this many steps (staircase)
-MIU_SEG_DICE = 1.0           # weight of the Dice loss (each modality)
-MIU_SEG_CE = 1.0             # weight of the weighted cross-entropy (each modality)
-MIU_KD = 0.5                 # weight of the knowledge-distillation loss
-MIU_SEG_L2_NORM = 1e-4       # weight of the L2 penalty on convolution kernels
-KD_TEMPERATURE = 2.0         # softmax temperature of the distillation loss
-PRECISION = "auto"           # "fp32", "bf16", "fp16" or "auto" (bf16 where fast, else fp32)
+LR_DECAY_STEPS = 1000        # steps between learning-rate decays (x LR_DECAY)
 
 # --- bookkeeping
 CHECKPOINT_SPACE = 300       # steps between checkpoints
-KEEP_CHECKPOINTS = 5         # most recent checkpoints kept
 DISPLAY_STEP = 500           # steps between validation batches and image summaries
-SUMMARY_STEP = 10            # steps between training scalar summaries
 TEST_BATCH = 16              # slices per forward pass at test time
 CHECK_DATA = True            # read every training record once before training (fail fast)
-SEED = 0                     # seeds weights, dropout and data shuffling
-DETERMINISTIC = False        # TensorFlow op determinism (identical runs, slower)
-TENSORBOARD_PORT = None      # launch TensorBoard on 127.0.0.1:PORT while training
-PROGRESS = True              # show a progress bar
 
-TYPES = {"TENSORBOARD_PORT": int}  # types of settings whose constant is None
 _DEMO = "data/generated/demo"       # where the demo (phantom) data are generated
 _DEMO_SEED = 0                      # the demo data are the same whatever SEED (which seeds training)
 _ABDOMEN = "data/generated/abdomen"  # where README's commands prepare the real abdominal pair
@@ -125,6 +106,6 @@ def network():
 
 if __name__ == "__main__":
     sys.path.insert(0, _ROOT)
-    from lib.pipeline import main
+    from lib.cli import main
 
     sys.exit(main(globals(), network, presets=PRESETS, types=TYPES, root=_ROOT))

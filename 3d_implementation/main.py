@@ -17,14 +17,14 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep errors to one readable line
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lib.settings import *  # noqa: E402,F401,F403  shared with 2D: run control, loss, bookkeeping
 
 # --- what to run
 PRESET = "demo"              # "demo" | "paper" | "custom" (values below as written)
 PHASE = "train"              # "train", "test" or "train_test" (test.py sets "test")
 OUTPUT_PATH = "output/3d_paper"  # checkpoints, logs, config.json and results/ go here
-TEST_MODEL = ""              # checkpoint prefix to test; empty = latest of OUTPUT_PATH
-RESUME = False               # continue a run in OUTPUT_PATH even if its settings differ
-START_OVER = False           # move a different run in OUTPUT_PATH aside and start again
 
 # --- data (list files of "image,label" NIfTI pairs, slices last; test lists may hold .npz)
 SOURCE_TRAIN_LIST = "data/prepared/mr/train_volume_list.txt"  # MR (source) training volumes
@@ -33,41 +33,23 @@ TARGET_TRAIN_LIST = "data/prepared/ct/train_volume_list.txt"  # CT (target) trai
 TARGET_VAL_LIST = "data/prepared/ct/val_volume_list.txt"      # CT validation volumes
 SOURCE_TEST_LIST = "data/prepared/mr/test_list.txt"           # MR test volumes
 TARGET_TEST_LIST = "data/prepared/ct/test_list.txt"           # CT test volumes
-NPZ_FLIP = True              # flip axes 0 and 1 of .npz test volumes (the original's layout)
-CLASS_NAMES = ["lv_myo", "la_blood", "lv_blood", "aa"]  # names of classes 1..N_CLASS-1
 
 # --- network
 NETWORK = "unet3d"           # recorded with checkpoints so another network's are refused
 PATCH_SIZE = [256, 256, 8]   # training slab [height, width, depth] (multiples of 8)
-N_CLASS = 5                  # classes including background
 FEATURE_BASE = 16            # f: channels of the first level
-SCHEME = "ummkd"             # sharing scheme: ummkd, separate_bn, joint, individual, y_shape, x_shape
 
 # --- optimisation
 BATCH_SIZE = 2               # slabs per modality per step
 NUM_STEPS = 50000            # training steps
 LEARNING_RATE = 1e-4         # Adam learning rate at step 0
-LR_DECAY = 0.95              # learning-rate factor ...
-LR_DECAY_STEPS = 500         # ... applied every this many steps (staircase)
-MIU_SEG_DICE = 1.0           # weight of the Dice loss (each modality)
-MIU_SEG_CE = 1.0             # weight of the weighted cross-entropy (each modality)
-MIU_KD = 0.5                 # weight of the knowledge-distillation loss (0 turns it off)
-MIU_SEG_L2_NORM = 1e-4       # weight of the L2 penalty on convolution kernels
-KD_TEMPERATURE = 2.0         # softmax temperature of the distillation loss
-PRECISION = "auto"           # "fp32", "bf16", "fp16" or "auto" (bf16 where fast, else fp32)
+LR_DECAY_STEPS = 500         # steps between learning-rate decays (x LR_DECAY)
 
 # --- bookkeeping
 CHECKPOINT_SPACE = 200       # steps between checkpoints
-KEEP_CHECKPOINTS = 5         # most recent checkpoints kept
 DISPLAY_STEP = 500           # steps between validation batches and image summaries
-SUMMARY_STEP = 10            # steps between training scalar summaries
 TEST_STRIDE = 0              # depth step of the test windows; 0 = half a slab
-SEED = 0                     # seeds weights and slab sampling
-DETERMINISTIC = False        # TensorFlow op determinism (identical runs, slower)
-TENSORBOARD_PORT = None      # launch TensorBoard on 127.0.0.1:PORT while training
-PROGRESS = True              # show a progress bar
 
-TYPES = {"TENSORBOARD_PORT": int}  # types of settings whose constant is None
 _DEMO = "data/generated/demo"       # where the demo (phantom) data are generated
 _DEMO_SEED = 0                      # the demo data are the same whatever SEED (which seeds training)
 _DEMO_IMAGE_SIZE = 64               # in-plane size of the demo data (shared with the 2D demo)
@@ -115,6 +97,6 @@ def network():
 
 if __name__ == "__main__":
     sys.path.insert(0, _ROOT)
-    from lib.pipeline import main
+    from lib.cli import main
 
     sys.exit(main(globals(), network, presets=PRESETS, types=TYPES, root=_ROOT))

@@ -21,6 +21,6 @@ TEST_MODEL = ""              # checkpoint prefix to test; empty = latest of OUTP
 
 if __name__ == "__main__":
     sys.path.insert(0, _ROOT)
-    from lib.pipeline import main
+    from lib.cli import main
 
     sys.exit(main(globals(), network, presets=PRESETS, types=TYPES, root=_ROOT))  # noqa: F405

@@ -19,8 +19,8 @@ from lib.config import ConfigError, load_config
 from lib.data import DataError
 from lib.runtime import get_logger, setup_runtime
 from lib.train import (CONFIG_FILE, LOG_FILE, NETWORK_KEYS, Trainer, TrainingError,
-                       check_output, config_differences, first_batch, latest_step,
-                       model_variables, start_output)
+                       check_output, config_differences, first_batch, kd_weight,
+                       latest_step, model_variables, start_output)
 
 MODALITY_LISTS = {"mr": ("SOURCE_TRAIN_LIST", "SOURCE_VAL_LIST", "SOURCE_TEST_LIST"),
                   "ct": ("TARGET_TRAIN_LIST", "TARGET_VAL_LIST", "TARGET_TEST_LIST")}
@@ -99,7 +99,8 @@ def train_and_evaluate(config: dict, network: Network) -> dict | None:
                 f"precision {precision}, output {output_path}")
     model = network.build_model(config)
     n_params = sum(int(v.shape.num_elements()) for v in model.trainable_variables)
-    logger.info(f"trainable parameters: {n_params:,}")
+    logger.info(f"scheme {config['SCHEME']}: {n_params:,} trainable parameters, "
+                f"KD weight {kd_weight(config):g}")
     checkpoint = config.get("TEST_MODEL") or None
     if training:
         start = latest_step(output_path) if action == "resume" else 0
@@ -125,19 +126,4 @@ def train_and_evaluate(config: dict, network: Network) -> dict | None:
                     log_path=os.path.join(output_path, LOG_FILE))
 
 
-def main(namespace: dict, network_factory: Callable, argv=None, presets=None, types=None,
-         root: str | None = None) -> int:
-    """Entry-script main: resolve settings, run, turn known errors into one line + exit 2."""
-    from lib.config import resolve
-
-    try:
-        config = resolve(namespace, argv, presets, types)
-        config = resolve_paths(config, root or os.getcwd())
-        train_and_evaluate(config, network_factory())
-    except (ConfigError, DataError, TrainingError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: a checkpoint was written; run again to resume", file=sys.stderr)
-        return 130
-    return 0
+from lib.cli import main  # noqa: E402,F401  (the entry scripts' main, kept importable here)

@@ -1,0 +1,36 @@
+"""Settings shared by the 2D (main_combine.py) and the 3D (3d_implementation/main.py) scripts.
+
+Each entry script starts with ``from lib.settings import *`` and then lists the settings of
+its own network. Everything here can be overridden on the command line as ``--name=value``,
+or set again in an entry script below its import line.
+"""
+
+# --- run control
+TEST_MODEL = ""              # checkpoint prefix to test; empty = latest of OUTPUT_PATH
+RESUME = False               # continue a run in OUTPUT_PATH even if its settings differ
+START_OVER = False           # move a different run in OUTPUT_PATH aside and start again
+
+# --- task
+N_CLASS = 5                  # classes including background
+CLASS_NAMES = ["lv_myo", "la_blood", "lv_blood", "aa"]  # names of classes 1..N_CLASS-1
+NPZ_FLIP = True              # flip axes 0 and 1 of .npz test volumes (the original's layout)
+SCHEME = "ummkd"             # sharing scheme: ummkd, separate_bn, joint, individual, y_shape, x_shape
+
+# --- objective and optimisation
+MIU_SEG_DICE = 1.0           # weight of the Dice loss (each modality)
+MIU_SEG_CE = 1.0             # weight of the weighted cross-entropy (each modality)
+MIU_KD = 0.5                 # weight of the knowledge-distillation loss (used by SCHEME ummkd)
+MIU_SEG_L2_NORM = 1e-4       # weight of the L2 penalty on convolution kernels
+KD_TEMPERATURE = 2.0         # softmax temperature of the distillation loss
+LR_DECAY = 0.95              # learning-rate factor applied every LR_DECAY_STEPS (staircase)
+PRECISION = "auto"           # "fp32", "bf16", "fp16" or "auto" (bf16 where fast, else fp32)
+
+# --- bookkeeping
+KEEP_CHECKPOINTS = 5         # most recent checkpoints kept
+SUMMARY_STEP = 10            # steps between training scalar summaries
+SEED = 0                     # seeds weights, dropout and the training data stream
+DETERMINISTIC = False        # TensorFlow op determinism (identical runs, slower)
+TENSORBOARD_PORT = None      # launch TensorBoard on 127.0.0.1:PORT while training
+PROGRESS = True              # show a progress bar
+
+TYPES = {"TENSORBOARD_PORT": int}  # types of settings whose constant is None
