@@ -25,6 +25,7 @@ from lib import losses
 from lib.config import ConfigError, load_config, save_config
 from lib.layers import MODALITIES, conv_kernels
 from lib.runtime import get_logger, launch_tensorboard
+from lib.schemes import get_scheme
 
 CONFIG_FILE = "config.json"
 LOG_FILE = "log.jsonl"
@@ -47,6 +48,17 @@ def model_variables(model) -> dict:
     their variables; positions are stable where auto-generated layer names are not.
     """
     return {f"{i:04d}": v for i, v in enumerate(model.variables)}
+
+
+def kd_weight(config: dict) -> float:
+    """Weight of the distillation term: MIU_KD for a scheme that uses KD (ummkd), else 0.
+
+    The baselines (separate_bn, joint, individual, y_shape, x_shape) are trained without
+    distillation whatever MIU_KD says; USE_KD=False (if present) turns it off for UMMKD too.
+    """
+    if not config.get("USE_KD", True):
+        return 0.0
+    return float(config["MIU_KD"]) if get_scheme(config.get("SCHEME", "ummkd")).kd else 0.0
 
 
 class TrainingError(RuntimeError):
@@ -102,7 +114,7 @@ class Trainer:
             max_to_keep=config.get("KEEP_CHECKPOINTS", 5), checkpoint_name="model")
         self.loss_kwargs = dict(
             n_class=self.n_class, miu_dice=config["MIU_SEG_DICE"], miu_ce=config["MIU_SEG_CE"],
-            miu_kd=config["MIU_KD"] if config.get("USE_KD", True) else 0.0,
+            miu_kd=kd_weight(config),
             miu_l2=config["MIU_SEG_L2_NORM"], temperature=config["KD_TEMPERATURE"])
         self.traces = 0
         self.train_step = tf.function(self._train_step, reduce_retracing=True)
