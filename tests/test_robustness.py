@@ -57,6 +57,19 @@ def test_record_with_wrong_byte_length(data, tmp_path, capsys):
     assert not os.path.exists(out)
 
 
+def test_bad_record_met_in_training_when_the_start_check_is_off(data, tmp_path, capsys):
+    files = read_list(data["mr"]["train"])
+    ex = tf.train.Example.FromString(encode_slice(np.zeros((16, 16, 3)), np.zeros((16, 16))))
+    ex.features.feature["label_vol"].bytes_list.value[0] = b"\0" * 100
+    for path in files:
+        with tf.io.TFRecordWriter(path) as w:
+            w.write(ex.SerializeToString())
+    out = str(tmp_path / "run")
+    assert run(tiny_overrides(data, out, phase="train", check_data=False)) == 2
+    err = error_line(capsys)
+    assert any(f in err for f in files) and "byte length does not match" in err
+
+
 @pytest.mark.parametrize("kind", ["label", "nan"])
 def test_bad_values_met_in_a_batch_name_the_file(data, tmp_path, capsys, kind):
     files = read_list(data["mr"]["train"])
