@@ -5,7 +5,7 @@ Edit the settings below, or override any of them on the command line as --name=v
 
     python main_combine.py                                   # demo: phantom data, ~10 min CPU
     python main_combine.py --preset=paper                    # the paper's 2D setting (GPU)
-    python main_combine.py --phase=test --test_model=output/2d_demo/checkpoints/model-1200
+    python main_combine.py --phase=test --test_model=output/2d_demo/checkpoints/model-1600
 
 The chosen PRESET fills in the settings it lists (see PRESETS below) over the values
 written here; command-line overrides come last. PRESET "custom" uses the values as written.

@@ -117,7 +117,8 @@ class Trainer:
             miu_kd=kd_weight(config),
             miu_l2=config["MIU_SEG_L2_NORM"], temperature=config["KD_TEMPERATURE"])
         self.traces = 0
-        self.train_step = tf.function(self._train_step, reduce_retracing=True)
+        self.train_step = tf.function(self._train_step, reduce_retracing=True,
+                                      jit_compile=bool(config.get("XLA")) or None)
         self.eval_step = tf.function(self._eval_step, reduce_retracing=True)
 
     @property
