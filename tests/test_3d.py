@@ -209,12 +209,12 @@ def test_main_trains_resumes_and_test_py_tests(tmp_path):
     ckpts = os.path.join(out, "checkpoints")
     assert tf.train.latest_checkpoint(ckpts).endswith("model-4")
     assert os.path.exists(os.path.join(ckpts, "model-2.index"))
-    saved = json.load(open(os.path.join(out, "config.json")))
+    saved = json.load(open(os.path.join(out, "config.json"), encoding="utf-8"))
     assert saved["PHASE"] == "train" and saved["PATCH_SIZE"] == [16, 16, 8]
     assert "IMAGE_SIZE" not in saved
 
     run_script("main.py", argv + ["--num_steps=6"], HERE_3D)
-    log = open(os.path.join(out, "train.log")).read()
+    log = open(os.path.join(out, "train.log"), encoding="utf-8").read()
     assert "model-4 at step 4" in log and "training steps 4..6" in log
     assert "traces of the step function: 1" in log
 
@@ -222,7 +222,7 @@ def test_main_trains_resumes_and_test_py_tests(tmp_path):
     proc = run_script(os.path.join("3d_implementation", "test.py"), argv + ["--num_steps=6"],
                       ROOT)
     assert "testing checkpoint" in proc.stdout
-    report = json.load(open(os.path.join(out, "results", "metrics.json")))
+    report = json.load(open(os.path.join(out, "results", "metrics.json"), encoding="utf-8"))
     assert report["checkpoint"].endswith("model-6") and report["classes"] == ["a", "b"]
     for m in ("mr", "ct"):
         assert 0.0 <= report[m]["dice_avg"] <= 1.0

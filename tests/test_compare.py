@@ -162,8 +162,8 @@ def test_compare_end_to_end_and_resumes(tmp_path):
                for s in ("ummkd", "joint")}
     mtimes = {s: os.path.getmtime(p) for s, p in metrics.items()}
     # ummkd trained with the KD term, joint without it.
-    assert json.load(open(os.path.join(out, "ummkd", "seed0", "config.json")))["SCHEME"] == "ummkd"
-    rows = list(csv.DictReader(open(os.path.join(out, "comparison.csv"))))
+    assert json.load(open(os.path.join(out, "ummkd", "seed0", "config.json"), encoding="utf-8"))["SCHEME"] == "ummkd"
+    rows = list(csv.DictReader(open(os.path.join(out, "comparison.csv"), encoding="utf-8")))
     assert {r["scheme"] for r in rows} == {"ummkd", "joint"}
     assert {r["class"] for r in rows} == {"a", "b", "average"}
     counts = compare.parameter_counts("2d", preset="custom", feature_base=2, n_class=3,
@@ -171,12 +171,12 @@ def test_compare_end_to_end_and_resumes(tmp_path):
     for r in rows:
         assert int(r["parameters"]) == counts[r["scheme"]]
         assert 0.0 <= float(r["dice_mean"]) <= 1.0
-    report = json.load(open(metrics["joint"]))
+    report = json.load(open(metrics["joint"], encoding="utf-8"))
     dice_a = [c["dice"]["a"] for c in report["mr"]["cases"]]
     row = next(r for r in rows if r["scheme"] == "joint" and r["modality"] == "mr"
                and r["class"] == "a")
     assert float(row["dice_mean"]) == pytest.approx(np.mean(dice_a), abs=1e-5)
-    md = open(os.path.join(out, "comparison.md")).read()
+    md = open(os.path.join(out, "comparison.md"), encoding="utf-8").read()
     assert "| ummkd |" in md and "MR average" in md and f"{counts['joint']:,}" in md
 
     # Second invocation: nothing is trained again.

@@ -232,7 +232,7 @@ def _results():
 def test_write_metrics_csv(tmp_path):
     path = tmp_path / "sub" / "metrics.csv"
     write_metrics_csv(str(path), _results())
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert [list(r) for r in rows[:1]] == [["modality", "case", "class", "dice", "assd", "hd95"]]
     assert [(r["modality"], r["case"], r["class"]) for r in rows] == [

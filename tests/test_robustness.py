@@ -90,7 +90,7 @@ def test_bad_values_met_in_a_batch_name_the_file(data, tmp_path, capsys, kind):
 
 
 def test_list_naming_missing_files_names_them_all(data, tmp_path, capsys):
-    with open(data["ct"]["train"], "a") as handle:
+    with open(data["ct"]["train"], "a", encoding="utf-8") as handle:
         handle.write("gone_1.tfrecords\ngone_2.tfrecords\n")
     out = str(tmp_path / "run")
     assert run(tiny_overrides(data, out, phase="train")) == 2
@@ -119,7 +119,7 @@ def test_start_over_moves_the_old_run_aside(data, tmp_path):
     old = [p for p in os.listdir(tmp_path) if p.startswith("run.old-")]
     assert len(old) == 1
     assert os.path.exists(tmp_path / old[0] / "checkpoints" / "model-2.index")
-    assert json.load(open(os.path.join(out, "config.json")))["FEATURE_BASE"] == 4
+    assert json.load(open(os.path.join(out, "config.json"), encoding="utf-8"))["FEATURE_BASE"] == 4
 
 
 def test_nan_loss_stops_and_keeps_earlier_checkpoints(data, tmp_path, capsys):
@@ -142,7 +142,7 @@ def _cmd(data, out, **extra):
 def _losses(out):
     """Last logged total loss of every step (a killed run may have logged a step twice)."""
     losses = {}
-    for line in open(os.path.join(out, "log.jsonl")):
+    for line in open(os.path.join(out, "log.jsonl"), encoding="utf-8"):
         record = json.loads(line)
         losses[record["step"]] = record["loss/total"]
     return losses
@@ -170,7 +170,7 @@ def test_sigkill_resume_matches_an_uninterrupted_run(data, tmp_path):
     resumed_at = int(tf.train.latest_checkpoint(os.path.join(out, "checkpoints")).split("-")[-1])
     assert 10 <= resumed_at < 30
     subprocess.run(_cmd(data, out, **steps), check=True, capture_output=True, env=env)
-    log = open(os.path.join(out, "train.log")).read()
+    log = open(os.path.join(out, "train.log"), encoding="utf-8").read()
     assert f"model-{resumed_at} at step {resumed_at}" in log
     a, b = _losses(out), _losses(ref)
     assert sorted(a) == sorted(b) == list(range(1, 31))
@@ -189,4 +189,4 @@ def test_sigint_writes_a_checkpoint_and_exits(data, tmp_path):
     assert "interrupted" in err and "Traceback" not in err
     step = int(tf.train.latest_checkpoint(os.path.join(out, "checkpoints")).split("-")[-1])
     assert step >= 5  # the checkpoint written on the interrupt (or a later regular one)
-    assert f"interrupted at step {step}" in open(os.path.join(out, "train.log")).read()
+    assert f"interrupted at step {step}" in open(os.path.join(out, "train.log"), encoding="utf-8").read()

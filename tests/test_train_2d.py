@@ -31,9 +31,9 @@ def test_train_resume_and_test(tiny_data, tmp_path):
     ckpts = os.path.join(out, "checkpoints")
     assert tf.train.latest_checkpoint(ckpts).endswith("model-4")
     assert os.path.exists(os.path.join(ckpts, "model-2.index"))
-    saved = json.load(open(os.path.join(out, "config.json")))
+    saved = json.load(open(os.path.join(out, "config.json"), encoding="utf-8"))
     assert saved["NUM_STEPS"] == 4 and saved["FEATURE_BASE"] == 2
-    log = open(os.path.join(out, "train.log")).read()
+    log = open(os.path.join(out, "train.log"), encoding="utf-8").read()
     assert "traces of the step function: 1" in log  # the step never retraces
     tags = event_tags(os.path.join(out, "logs", "train"))
     names = {t for t, _ in tags}
@@ -44,15 +44,15 @@ def test_train_resume_and_test(tiny_data, tmp_path):
     # A second run with more steps resumes at step 4, continues to 6 and tests the model
     # in memory.
     assert run(tiny_overrides(tiny_data, out, phase="train_test", num_steps=6)) == 0
-    in_memory = json.load(open(os.path.join(out, "results", "metrics.json")))
-    log = open(os.path.join(out, "train.log")).read()
+    in_memory = json.load(open(os.path.join(out, "results", "metrics.json"), encoding="utf-8"))
+    log = open(os.path.join(out, "train.log"), encoding="utf-8").read()
     assert "model-4 at step 4" in log and "training steps 4..6" in log
     assert tf.train.latest_checkpoint(ckpts).endswith("model-6")
 
     # Test a named checkpoint: metrics.json in the documented layout.
     prefix = os.path.join(ckpts, "model-6")
     assert run(tiny_overrides(tiny_data, out, phase="test", test_model=prefix)) == 0
-    report = json.load(open(os.path.join(out, "results", "metrics.json")))
+    report = json.load(open(os.path.join(out, "results", "metrics.json"), encoding="utf-8"))
     assert report["checkpoint"] == prefix and report["classes"] == ["a", "b"]
     # The restored checkpoint (weights and BN statistics) gives exactly the same results.
     for m in ("mr", "ct"):
