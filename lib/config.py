@@ -132,10 +132,3 @@ def load_config(path: str) -> dict:
             return json.load(handle)
     except (OSError, json.JSONDecodeError) as err:
         raise ConfigError(f"{path}: cannot read configuration ({err})") from None
-
-
-def resolve_path(path: str | None, base: str) -> str | None:
-    """A path from the configuration: relative ones are relative to ``base``."""
-    if path is None or path == "" or os.path.isabs(path):
-        return path
-    return os.path.normpath(os.path.join(base, path))

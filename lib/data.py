@@ -356,22 +356,20 @@ def slice_training_data(config: dict, train_lists: dict, val_lists: dict, augmen
     With CHECK_DATA every record of every file is read once first (fail fast).
     """
     seed = config.get("SEED") or 0
-    files = {m: check_list_files(p) for m, p in {**train_lists, **{
-        f"val_{k}": v for k, v in (val_lists or {}).items()}}.items()}
-    if config.get("CHECK_DATA", True):
-        for key, list_path in {**train_lists, **{f"val_{k}": v for k, v in
-                                                 (val_lists or {}).items()}}.items():
-            validate_tfrecords(files[key], list_path)
 
-    def build(lists, prefix, offset, start, aug):
-        return zip_modalities({
-            m: slice_dataset(files[prefix + m], config["IMAGE_SIZE"], config["BATCH_SIZE"],
-                             seed=seed + i + offset, start_step=start, augment=aug,
-                             n_class=config["N_CLASS"])
-            for i, m in enumerate(lists)})
+    def build(lists, offset, start, aug):
+        streams = {}
+        for i, (m, list_path) in enumerate(lists.items()):
+            files = check_list_files(list_path)
+            if config.get("CHECK_DATA", True):
+                validate_tfrecords(files, list_path)
+            streams[m] = slice_dataset(files, config["IMAGE_SIZE"], config["BATCH_SIZE"],
+                                       seed=seed + i + offset, start_step=start, augment=aug,
+                                       n_class=config["N_CLASS"])
+        return zip_modalities(streams)
 
-    train = build(train_lists, "", 0, start_step, augment)
-    val = (build(val_lists, "val_", 100, 0, None)
+    train = build(train_lists, 0, start_step, augment)
+    val = (build(val_lists, 100, 0, None)
            if val_lists and len(val_lists) == len(train_lists) else None)
     return train, val
 

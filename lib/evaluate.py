@@ -145,22 +145,19 @@ def load_test_volumes(list_path: str, npz_flip: bool = True) -> list[tuple[Volum
             (load_volume(e, npz_flip=npz_flip) for e in read_list(list_path))]
 
 
-def _save_nifti(path: str, labels: np.ndarray, affine) -> None:
+def _save_labels(path: str, labels: np.ndarray, record: dict | None, affine) -> None:
+    """Write a label map atomically: in the original scan's geometry when data preparation
+    recorded it (``record``), else on the test volume's own grid (``affine``)."""
     import nibabel as nib
 
-    img = nib.Nifti1Image(labels.astype(np.uint8), affine if affine is not None else np.eye(4))
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
-    tmp = path + ".partial.nii.gz"
-    nib.save(img, tmp)
-    os.replace(tmp, path)
-
-
-def _save_in_original_geometry(path: str, labels: np.ndarray, record: dict) -> None:
-    import nibabel as nib
-    from lib.prep import restore_prediction
-
-    img = restore_prediction(labels, record)
+    if record is not None:
+        from lib.prep import restore_prediction
+        img = restore_prediction(labels, record)
+    else:
+        img = nib.Nifti1Image(labels.astype(np.uint8),
+                              affine if affine is not None else np.eye(4))
+        img.set_qform(img.affine, code=1)
+        img.set_sform(img.affine, code=1)
     tmp = path + ".partial.nii.gz"
     nib.save(img, tmp)
     os.replace(tmp, path)
@@ -191,17 +188,14 @@ def evaluate(predict, test_lists: dict, class_names: list[str], output_path: str
                     **metrics.evaluate_case(pred, volume.label, volume.spacing, classes)}
             cases.append(case)
             stem = os.path.join(pred_dir, volume.name)
-            if record is not None:
-                _save_in_original_geometry(stem + "_pred.nii.gz", pred, record)
-                exact_gt = os.path.join(record["_folder"], record.get("files", {}).get("gt", ""))
-                if record.get("files", {}).get("gt") and os.path.isfile(exact_gt):
-                    # data preparation wrote the mapped labels at full resolution: use them
-                    shutil.copyfile(exact_gt, stem + "_gt.nii.gz")
-                else:
-                    _save_in_original_geometry(stem + "_gt.nii.gz", volume.label, record)
+            _save_labels(stem + "_pred.nii.gz", pred, record, volume.affine)
+            exact_gt = (os.path.join(record["_folder"], record["files"]["gt"])
+                        if record is not None and record.get("files", {}).get("gt") else "")
+            if os.path.isfile(exact_gt):
+                # data preparation wrote the mapped labels at full resolution: use them
+                shutil.copyfile(exact_gt, stem + "_gt.nii.gz")
             else:
-                _save_nifti(stem + "_pred.nii.gz", pred, volume.affine)
-                _save_nifti(stem + "_gt.nii.gz", volume.label, volume.affine)
+                _save_labels(stem + "_gt.nii.gz", volume.label, record, volume.affine)
             if not shown:
                 figures.slice_grid(os.path.join(fig_dir, f"{modality}_slices.png"),
                                    volume.image, volume.label, pred, n_class, class_names,

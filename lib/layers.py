@@ -120,8 +120,7 @@ class ModalityBatchNorm(keras.layers.Layer):
         rows = self.rows(tuple(modalities))
         channels = x.shape[-1]
         groups = tf.reshape(x, [len(rows), -1, channels])
-        take = lambda v: tf.gather(v, rows)[:, None, :] if len(rows) < v.shape[0] or rows != list(
-            range(v.shape[0])) else v[:, None, :]
+        take = lambda v: tf.gather(v, rows)[:, None, :]  # [len(rows), 1, C]
         if training:
             mean, var = tf.nn.moments(tf.cast(groups, tf.float32), axes=[1], keepdims=True)
             self._update(self.moving_mean, rows, mean[:, 0, :])
@@ -134,14 +133,11 @@ class ModalityBatchNorm(keras.layers.Layer):
         return tf.reshape(y, tf.shape(x))
 
     def _update(self, variable, rows, value):
-        value = tf.stop_gradient(value)
-        if rows == list(range(variable.shape[0])):
-            variable.assign(variable * self.momentum + value * (1.0 - self.momentum))
-        else:
-            idx = tf.constant([[r] for r in rows])
-            old = tf.gather_nd(variable, idx)
-            variable.assign(tf.tensor_scatter_nd_update(
-                variable, idx, old * self.momentum + value * (1.0 - self.momentum)))
+        """Moving average of the listed rows only; the other modalities' rows stay as they are."""
+        idx = tf.constant([[r] for r in rows])
+        new = tf.gather_nd(variable, idx) * self.momentum + tf.stop_gradient(value) * (
+            1.0 - self.momentum)
+        variable.assign(tf.tensor_scatter_nd_update(variable, idx, new))
 
     def compute_output_shape(self, input_shape):
         return input_shape
