@@ -12,12 +12,14 @@ import sys
 from typing import Callable
 
 from lib.config import ConfigError, resolve
+from lib.distribute import check_settings
 
 
 def main(namespace: dict, network_factory: Callable, argv=None, presets=None, types=None,
          root: str | None = None) -> int:
     try:
         config = resolve(namespace, argv, presets, types)
+        check_settings(config)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -7,10 +7,18 @@ of per-image values. All losses are computed in float32, whatever the compute pr
 
 The Dice core ``dice_per_class`` is shared with the batch Dice metric that training logs:
 with one-hot predictions p**2 == p, so the same formula gives the hard Dice.
+
+Under tf.distribute each replica holds part of the batch. Every ratio is taken of sums that
+have gone through ``global_sum`` (lib/distribute.py: all-reduced across replicas, gradient
+of the replica's own part), so R replicas with B/R examples each compute the loss of the
+whole batch of B, and their gradients add up to its gradient. On one device ``global_sum``
+is the identity: the same code.
 """
 from __future__ import annotations
 
 import tensorflow as tf
+
+from lib.distribute import global_sum, replicated
 
 DICE_EPS = 1e-7
 CE_CLIP = 0.005
@@ -23,12 +31,16 @@ def _spatial_axes(x):
 
 
 def dice_per_class(probs, onehot, square_probs: bool = True):
-    """[C] Dice per class: 2 sum(p y) / (sum(p^2) + sum(y) + eps), sums over batch and space."""
+    """[C] Dice per class: 2 sum(p y) / (sum(p^2) + sum(y) + eps), sums over batch and space.
+
+    The three [C] sums are all-reduced together (one collective) across replicas.
+    """
     axes = _spatial_axes(probs)
-    intersection = tf.reduce_sum(probs * onehot, axes)
-    p_sum = tf.reduce_sum(tf.square(probs) if square_probs else probs, axes)
-    y_sum = tf.reduce_sum(onehot, axes)
-    return 2.0 * intersection / (p_sum + y_sum + DICE_EPS)
+    sums = global_sum(tf.stack([
+        tf.reduce_sum(probs * onehot, axes),
+        tf.reduce_sum(tf.square(probs) if square_probs else probs, axes),
+        tf.reduce_sum(onehot, axes)]))  # [3, C]: intersection, sum(p^2), sum(y)
+    return 2.0 * sums[0] / (sums[1] + sums[2] + DICE_EPS)
 
 
 def dice_loss(probs, onehot):
@@ -38,15 +50,21 @@ def dice_loss(probs, onehot):
 
 def class_weights(onehot):
     """[C] w_c = 1 - sum(y_c) / sum(y): rarer classes weigh more; from the current batch."""
-    counts = tf.reduce_sum(onehot, _spatial_axes(onehot))
+    counts = global_sum(tf.reduce_sum(onehot, _spatial_axes(onehot)))
     return 1.0 - counts / tf.reduce_sum(counts)
 
 
 def weighted_cross_entropy(probs, onehot):
-    """Mean over pixels of sum_c -w_c y_c log(clip(p_c, 0.005, 1))."""
+    """Mean over pixels of sum_c -w_c y_c log(clip(p_c, 0.005, 1)).
+
+    The mean is (sum over the batch's pixels) / (its pixel count), both all-reduced.
+    """
     w = class_weights(onehot)
     log_p = tf.math.log(tf.clip_by_value(probs, CE_CLIP, 1.0))
-    return tf.reduce_mean(tf.reduce_sum(-w * onehot * log_p, axis=-1))
+    per_pixel = tf.reduce_sum(-w * onehot * log_p, axis=-1)
+    pixels = tf.cast(tf.size(per_pixel), tf.float32)
+    total = global_sum(tf.stack([tf.reduce_sum(per_pixel), pixels]))  # [sum, count]
+    return total[0] / total[1]
 
 
 def class_mean_logits(logits, onehot):
@@ -56,7 +74,9 @@ def class_mean_logits(logits, onehot):
     flat_onehot = tf.reshape(onehot, [-1, onehot.shape[-1]])
     sums = tf.matmul(flat_onehot, flat_logits, transpose_a=True)  # [C(gt), C(logit)]
     counts = tf.reduce_sum(onehot, axes)[:, None]
-    return sums / (counts + KD_COUNT_EPS)
+    # One collective for both: [C, C + 1], the last column the counts.
+    both = global_sum(tf.concat([sums, counts], axis=1))
+    return both[:, :-1] / (both[:, -1:] + KD_COUNT_EPS)
 
 
 def kd_loss(logits_a, onehot_a, logits_b, onehot_b, temperature: float = 2.0):
@@ -75,7 +95,11 @@ def kd_loss(logits_a, onehot_a, logits_b, onehot_b, temperature: float = 2.0):
 
 
 def l2_penalty(kernels):
-    """sum over kernels of sum(w^2)/2 (convolution kernels only, never BN parameters)."""
+    """sum over kernels of sum(w^2)/2 (convolution kernels only, never BN parameters).
+
+    Every replica holds the same kernels, so this is the full penalty on each of them;
+    total_loss passes it through ``replicated`` so the summed gradient counts it once.
+    """
     return tf.add_n([tf.nn.l2_loss(tf.cast(k, tf.float32)) for k in kernels])
 
 
@@ -113,7 +137,7 @@ def total_loss(logits_by_modality: dict, labels_by_modality: dict, kernels, *, n
         total += miu_kd * terms["kd"]
     else:
         terms["kd"] = tf.constant(0.0)
-    terms["l2"] = l2_penalty(kernels) if kernels else tf.constant(0.0)
+    terms["l2"] = replicated(l2_penalty(kernels)) if kernels else tf.constant(0.0)
     total += miu_l2 * terms["l2"]
     terms["total"] = total
     return total, terms

@@ -5,6 +5,10 @@ only hold their settings and a ``Network`` description: how to build the model, 
 make the training batches and how to predict a test volume. Everything else (output
 folder checks, checkpoints and resuming, the training loop, the test phase) lives here and
 is the same for both.
+
+With DISTRIBUTE set, the model is built and trained under the tf.distribute strategy
+(lib/distribute.py); every worker trains, only the chief writes OUTPUT_PATH and runs the
+test phase.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import tensorflow as tf
 
 from lib.config import ConfigError, load_config
 from lib.data import DataError
+from lib.distribute import distribute_dataset, is_chief, make_strategy
 from lib.runtime import get_logger, setup_runtime
 from lib.train import (CONFIG_FILE, LOG_FILE, NETWORK_KEYS, Trainer, TrainingError,
                        check_output, config_differences, first_batch, kd_weight,
@@ -82,6 +87,8 @@ def train_and_evaluate(config: dict, network: Network) -> dict | None:
     if len(config["CLASS_NAMES"]) != config["N_CLASS"] - 1:
         raise ConfigError(f"CLASS_NAMES: {len(config['CLASS_NAMES'])} names for N_CLASS="
                           f"{config['N_CLASS']} (expected N_CLASS - 1 names, background excluded)")
+    strategy = make_strategy(config)  # first: it may configure the devices
+    chief = is_chief(strategy)
     precision = setup_runtime(config)
     if network.prepare_data is not None:
         network.prepare_data(config)
@@ -97,7 +104,13 @@ def train_and_evaluate(config: dict, network: Network) -> dict | None:
     logger = get_logger(None)
     logger.info(f"{network.name}: preset {config.get('PRESET')}, scheme {config['SCHEME']}, "
                 f"precision {precision}, output {output_path}")
-    model = network.build_model(config)
+    if config.get("DISTRIBUTE"):
+        logger.info(f"DISTRIBUTE={config['DISTRIBUTE']}: {strategy.num_replicas_in_sync} "
+                    f"replicas, {config['BATCH_SIZE'] // strategy.num_replicas_in_sync} "
+                    f"examples per modality each, synchronised BN {bool(config.get('SYNC_BN'))}"
+                    + ("" if chief else "; this worker writes nothing to OUTPUT_PATH"))
+    with strategy.scope():  # variables mirrored on every replica
+        model = network.build_model(config)
     n_params = sum(int(v.shape.num_elements()) for v in model.trainable_variables)
     logger.info(f"scheme {config['SCHEME']}: {n_params:,} trainable parameters, "
                 f"KD weight {kd_weight(config):g}")
@@ -107,14 +120,17 @@ def train_and_evaluate(config: dict, network: Network) -> dict | None:
         train, val = network.train_datasets(
             config, {m: lists[m]["train"] for m in lists},
             {m: lists[m]["val"] for m in lists if lists[m]["val"]}, start)
+        train = distribute_dataset(strategy, train)
+        val = distribute_dataset(strategy, val) if val is not None else None
         train_iter, batch = first_batch(train)
-        start_output(config, output_path, action, logger)
-        logger = get_logger(output_path)
-        trainer = Trainer(config, model, output_path, logger)
+        if chief:
+            start_output(config, output_path, action, logger)
+            logger = get_logger(output_path)
+        trainer = Trainer(config, model, output_path, logger, strategy)
         if trainer.restore() != start:
             raise TrainingError(f"{output_path}: restored step {trainer.step}, expected {start}")
         checkpoint = trainer.fit(train_iter, val, first_batch=batch)
-    if phase == "train":
+    if phase == "train" or not chief:
         return None
     checkpoint = _restore_for_test(model, config, checkpoint, output_path, logger)
     from lib.evaluate import evaluate

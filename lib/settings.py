@@ -26,6 +26,11 @@ LR_DECAY = 0.95              # learning-rate factor applied every LR_DECAY_STEPS
 PRECISION = "auto"           # "fp32", "bf16", "fp16" or "auto" (bf16 where fast, else fp32)
 XLA = False                  # compile the training step with XLA (for GPUs; slower on CPUs)
 
+# --- several devices and machines (README, "Several GPUs and several machines")
+DISTRIBUTE = None            # None (one device), "mirrored" (local GPUs) or "multi_worker" (TF_CONFIG)
+SYNC_BN = False              # BN statistics over all replicas (per modality) instead of per replica
+CPU_DEVICES = 0              # "mirrored" without GPUs: split the CPU into this many devices (testing)
+
 # --- bookkeeping
 KEEP_CHECKPOINTS = 5         # most recent checkpoints kept
 SUMMARY_STEP = 10            # steps between training scalar summaries
@@ -34,4 +39,4 @@ DETERMINISTIC = False        # TensorFlow op determinism (identical runs, slower
 TENSORBOARD_PORT = None      # launch TensorBoard on 127.0.0.1:PORT while training
 PROGRESS = True              # show a progress bar
 
-TYPES = {"TENSORBOARD_PORT": int}  # types of settings whose constant is None
+TYPES = {"TENSORBOARD_PORT": int, "DISTRIBUTE": str}  # types of settings whose constant is None

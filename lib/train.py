@@ -9,12 +9,22 @@ the same configuration resumes from its latest checkpoint at its step.
 
 The network only has to follow the calling convention of lib/layers.py:
 ``model(x, modalities=("mr", "ct"), training=True) -> logits``.
+
+Under a tf.distribute strategy (lib/distribute.py) the step runs once per replica on its
+part of the global batch; the losses are those of the global batch (lib/losses.py) and the
+optimizer sums the replicas' gradients. Only the chief writes checkpoints, logs and
+summaries into OUTPUT_PATH; the other workers of a multi-worker run save their checkpoints
+(which every worker must do, TensorFlow may need them all for it) into a temporary folder
+that is deleted at the end. Without a strategy, TensorFlow's default one runs the same code.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 
 import keras
@@ -23,6 +33,7 @@ import tensorflow as tf
 
 from lib import losses
 from lib.config import ConfigError, load_config, save_config
+from lib.distribute import first_replica, is_chief, local_results, worker
 from lib.layers import MODALITIES, conv_kernels
 from lib.runtime import get_logger, launch_tensorboard
 from lib.schemes import get_scheme
@@ -35,7 +46,7 @@ RESUMABLE_KEYS = {"PHASE", "NUM_STEPS", "TEST_MODEL", "TENSORBOARD_PORT", "DISPL
                   "SOURCE_TEST_LIST", "TARGET_TEST_LIST", "TEST_BATCH", "TEST_STRIDE",
                   "RESUME", "START_OVER", "CHECK_DATA", "PROGRESS", "NPZ_FLIP",
                   "DATASET_JSON_SOURCE", "DATASET_JSON_TARGET", "SOURCE_VAL_LIST",
-                  "TARGET_VAL_LIST", "OUTPUT_PATH"}
+                  "TARGET_VAL_LIST", "OUTPUT_PATH", "DISTRIBUTE", "CPU_DEVICES"}
 # Settings that define the network: a checkpoint only fits a network with the same ones.
 NETWORK_KEYS = ("NETWORK", "N_CLASS", "FEATURE_BASE", "SCHEME")
 
@@ -94,23 +105,36 @@ def config_differences(saved: dict, config: dict, keys=None) -> list[str]:
 
 
 class Trainer:
-    """Owns the model, optimizer, checkpoints and the compiled training step."""
+    """Owns the model, optimizer, checkpoints and the compiled training step.
 
-    def __init__(self, config: dict, model, output_path: str, logger=None):
+    ``strategy``: the tf.distribute strategy the model was built under (its scope);
+    None means TensorFlow's default strategy (one device).
+    """
+
+    def __init__(self, config: dict, model, output_path: str, logger=None, strategy=None):
         self.config = config
         self.model = model
         self.output_path = output_path
-        self.logger = logger or get_logger(output_path)
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.chief = is_chief(self.strategy)
+        self.logger = logger or get_logger(output_path if self.chief else None)
         self.n_class = config["N_CLASS"]
         self.modalities = MODALITIES
         self.class_names = list(config.get("CLASS_NAMES") or
                                 [f"class{c}" for c in range(1, self.n_class)])
-        self.optimizer = make_optimizer(config, model)
+        with self.strategy.scope():  # slot variables mirrored like the model's
+            self.optimizer = make_optimizer(config, model)
         self.kernels = conv_kernels(model)
         self.checkpoint = tf.train.Checkpoint(model=model_variables(model),
                                               optimizer=self.optimizer)
+        self.checkpoint_dir = os.path.join(output_path, "checkpoints")
+        self._scratch = None
+        save_dir = self.checkpoint_dir
+        if not self.chief:
+            task_type, task_id = worker(self.strategy)
+            self._scratch = save_dir = tempfile.mkdtemp(prefix=f"ummkd-{task_type}{task_id}-")
         self.manager = tf.train.CheckpointManager(
-            self.checkpoint, os.path.join(output_path, "checkpoints"),
+            self.checkpoint, save_dir,
             max_to_keep=config.get("KEEP_CHECKPOINTS", 5), checkpoint_name="model")
         self.loss_kwargs = dict(
             n_class=self.n_class, miu_dice=config["MIU_SEG_DICE"], miu_ce=config["MIU_SEG_CE"],
@@ -134,35 +158,64 @@ class Trainer:
         total, terms = losses.total_loss(logits, labels, self.kernels, **self.loss_kwargs)
         return total, terms, logits
 
-    def _train_step(self, images: dict, labels: dict):
-        self.traces += 1  # Python side effect: counts traces, not steps
+    def replica_gradients(self, images: dict, labels: dict):
+        """(gradients, terms) of one replica's part of the batch (run in a replica context).
+
+        The terms are those of the global batch; the gradients add up over the replicas to
+        the global batch's gradients (lib/distribute.py). With fp16 they are loss-scaled.
+        """
         with tf.GradientTape() as tape:
             total, terms, _ = self._forward(images, labels, training=True)
             scaled = (self.optimizer.scale_loss(total)
                       if hasattr(self.optimizer, "scale_loss") else total)
-        variables = self.model.trainable_variables
-        grads = tape.gradient(scaled, variables)
-        self.optimizer.apply_gradients(zip(grads, variables))
+        return tape.gradient(scaled, self.model.trainable_variables), terms
+
+    def _replica_train_step(self, images: dict, labels: dict):
+        grads, terms = self.replica_gradients(images, labels)
+        # Under tf.distribute the Keras optimizer all-reduces the gradients with SUM.
+        self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
         return terms
 
-    def _eval_step(self, images: dict, labels: dict):
+    def _train_step(self, images, labels):
+        self.traces += 1  # Python side effect: counts traces, not steps
+        terms = self.strategy.run(self._replica_train_step, args=(images, labels))
+        return first_replica(self.strategy, terms)  # global values: the same on every replica
+
+    def _replica_eval_step(self, images: dict, labels: dict):
         _, terms, logits = self._forward(images, labels, training=False)
         preds = {m: tf.argmax(logits[m], axis=-1, output_type=tf.int32) for m in logits}
         return terms, preds
 
+    def _eval_step(self, images, labels):
+        terms, preds = self.strategy.run(self._replica_eval_step, args=(images, labels))
+        return first_replica(self.strategy, terms), preds
+
     # ------------------------------------------------------------------ checkpoints
     def restore(self, prefix: str | None = None) -> int:
-        """Restore ``prefix`` or the latest checkpoint of this run; returns the step."""
-        prefix = prefix or self.manager.latest_checkpoint
+        """Restore ``prefix`` or the latest checkpoint of this run; returns the step.
+
+        Every worker restores the chief's checkpoint (OUTPUT_PATH must be on a file system
+        they all see), so all replicas start from the same weights.
+        """
+        prefix = prefix or tf.train.latest_checkpoint(self.checkpoint_dir)
         if prefix:
             self.checkpoint.restore(prefix).assert_existing_objects_matched()
             self.logger.info(f"resumed from {prefix} at step {self.step}")
         return self.step
 
     def save(self) -> str:
+        """Write a checkpoint (every worker must call this); returns the chief's path."""
         path = self.manager.save(checkpoint_number=self.step)
+        if not self.chief:
+            return os.path.join(self.checkpoint_dir, os.path.basename(path))
         self.logger.info(f"checkpoint {path}")
         return path
+
+    def close(self) -> None:
+        """Delete a non-chief worker's temporary checkpoints."""
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
 
     # ------------------------------------------------------------------ the loop
     def fit(self, train_data, val_data=None, num_steps: int | None = None,
@@ -176,10 +229,13 @@ class Trainer:
         num_steps = cfg["NUM_STEPS"] if num_steps is None else num_steps
         display, summary_every = cfg["DISPLAY_STEP"], cfg.get("SUMMARY_STEP", 10)
         ckpt_every = cfg["CHECKPOINT_SPACE"]
-        writers = {k: tf.summary.create_file_writer(os.path.join(self.output_path, "logs", k))
-                   for k in ("train", "val")}
+        if self.chief:
+            writers = {k: tf.summary.create_file_writer(
+                os.path.join(self.output_path, "logs", k)) for k in ("train", "val")}
+        else:
+            writers = {k: tf.summary.create_noop_writer() for k in ("train", "val")}
         tb = None
-        if cfg.get("TENSORBOARD_PORT"):
+        if cfg.get("TENSORBOARD_PORT") and self.chief:
             tb = launch_tensorboard(os.path.join(self.output_path, "logs"),
                                     cfg["TENSORBOARD_PORT"], self.logger)
         train_iter = iter(train_data)
@@ -189,11 +245,12 @@ class Trainer:
             self.logger.info(f"already trained to step {start} (NUM_STEPS={num_steps})")
             return self.manager.latest_checkpoint
         self.logger.info(f"training steps {start}..{num_steps} of {type(self.model).__name__}")
-        bar = _progress(start, num_steps, cfg.get("PROGRESS", True))
+        bar = _progress(start, num_steps, cfg.get("PROGRESS", True) and self.chief)
         log_path = os.path.join(self.output_path, LOG_FILE)
         t0, last = time.time(), None
         try:
-            with open(log_path, "a", encoding="utf-8") as log_file:
+            with (open(log_path, "a", encoding="utf-8") if self.chief
+                  else contextlib.nullcontext(_NoLog())) as log_file:
                 while self.step < num_steps:
                     try:
                         if first_batch is not None:
@@ -216,12 +273,16 @@ class Trainer:
                         v_images, v_labels = next(val_iter)
                         v_terms, v_preds = self.eval_step(v_images, v_labels)
                         v_record = self._summaries(writers["val"], step, v_terms, "val")
-                        self._image_summaries(writers["train"], step, images, labels,
-                                              self.eval_step(images, labels)[1], "train")
+                        if self.chief:
+                            self._image_summaries(writers["train"], step, images, labels,
+                                                  self.eval_step(images, labels)[1], "train")
+                        else:  # the same collective ops as the chief, nothing written
+                            self.eval_step(images, labels)
                         self._image_summaries(writers["val"], step, v_images, v_labels,
                                               v_preds, "val")
                         record = {**(record or {"step": step}), **v_record}
-                        self.logger.info(_format_record(record))
+                        if self.chief:
+                            self.logger.info(_format_record(record))
                     if record is not None:
                         log_file.write(json.dumps(record) + "\n")
                         log_file.flush()
@@ -242,6 +303,7 @@ class Trainer:
                 w.close()
             if tb is not None:
                 tb.terminate()
+            self.close()
         elapsed = time.time() - t0
         self.logger.info(f"trained {num_steps - start} steps in {elapsed:.0f} s, last loss "
                          f"{last:.4f}, traces of the step function: {self.traces}")
@@ -269,6 +331,9 @@ class Trainer:
         return record
 
     def _image_summaries(self, writer, step, images, labels, preds, split):
+        # This process's replicas' parts of the batch (all of it on one machine).
+        images, labels, preds = (
+            {m: local_results(self.strategy, v[m]) for m in v} for v in (images, labels, preds))
         with writer.as_default(step=step):
             for m in self.modalities:
                 tf.summary.image(f"{m}/image", _middle_slice_image(images[m]), step,
@@ -280,6 +345,16 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- helpers
+class _NoLog:
+    """The JSON-lines log of a worker that is not the chief: writes nothing."""
+
+    def write(self, text):
+        pass
+
+    def flush(self):
+        pass
+
+
 def first_batch(dataset):
     """(iterator, its first batch), or TrainingError naming a bad record."""
     iterator = iter(dataset)
