@@ -84,10 +84,14 @@ def make_strategy(config: dict):
     if kind is None:
         strategy = tf.distribute.get_strategy()
     elif kind == "mirrored":
-        devices = None
+        devices, reduce = None, None  # all GPUs, NCCL all-reduce
         if not tf.config.list_physical_devices("GPU"):
             devices = [d.name for d in cpu_devices(config.get("CPU_DEVICES", 0))]
-        strategy = tf.distribute.MirroredStrategy(devices)
+            # Logical CPU devices share memory: reducing on one of them is a few adds. The
+            # default for CPUs (collective ops) gave the two replicas' collectives of the
+            # 3D network's synchronised BN different instance keys (shape mismatch).
+            reduce = tf.distribute.ReductionToOneDevice()
+        strategy = tf.distribute.MirroredStrategy(devices, cross_device_ops=reduce)
     else:
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
     replicas = strategy.num_replicas_in_sync

@@ -159,7 +159,7 @@ class Trainer:
         return total, terms, logits
 
     def replica_gradients(self, images: dict, labels: dict):
-        """(gradients, terms) of one replica's part of the batch (run in a replica context).
+        """(gradients, terms) of one replica's part of the batch (in a replica context).
 
         The terms are those of the global batch; the gradients add up over the replicas to
         the global batch's gradients (lib/distribute.py). With fp16 they are loss-scaled.
@@ -168,7 +168,11 @@ class Trainer:
             total, terms, _ = self._forward(images, labels, training=True)
             scaled = (self.optimizer.scale_loss(total)
                       if hasattr(self.optimizer, "scale_loss") else total)
-        return tape.gradient(scaled, self.model.trainable_variables), terms
+        grads = tape.gradient(scaled, self.model.trainable_variables)
+        # The BN rows are gathered, so their gradients come as IndexedSlices; dense they
+        # are tiny ([modalities, C]) and all-reduce as one tensor instead of an all-gather.
+        return [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
+                for g in grads], terms
 
     def _replica_train_step(self, images: dict, labels: dict):
         grads, terms = self.replica_gradients(images, labels)

@@ -1,0 +1,279 @@
+"""DISTRIBUTE on the CPU: "mirrored" over 2 logical devices, "multi_worker" over 2 processes.
+
+The reference is always one device with the same global batch: the distributed loss must
+be the loss of the whole batch (Dice, class weights and class-wise KD logits are statistics
+of the batch), and the replicas' gradients, summed as the optimizer sums them, its gradient.
+
+Logical CPU devices must be configured before TensorFlow initialises its devices, which
+the test process has long done, so the mirrored comparison runs in a fresh Python process
+(this file run as a script) that prints its measurements as JSON; the assertions are here.
+"""
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+TIMEOUT = 120  # seconds for any child process; a hung collective must not hang the suite
+
+# Tiny networks with the distillation term on, synchronised BN, no dropout (per-replica BN
+# statistics and dropout masks legitimately differ between 1 and 2 replicas), float32.
+NETWORKS = {
+    "2d": dict(NETWORK="dilated_resnet_2d", IMAGE_SIZE=16, FEATURE_BASE=2, DROPOUT=0.0),
+    "3d": dict(NETWORK="unet3d", PATCH_SIZE=[16, 16, 8], FEATURE_BASE=2),
+}
+BATCH = 4  # global batch per modality: 2 per replica
+
+
+# ---------------------------------------------------------------------- the child process
+def _config(net: str) -> dict:
+    from lib import settings
+    from lib.config import constants
+
+    config = constants(vars(settings))
+    config.update(N_CLASS=3, CLASS_NAMES=["a", "b"], SCHEME="ummkd", MIU_KD=0.5,
+                  SYNC_BN=True, PRECISION="fp32", BATCH_SIZE=BATCH, LEARNING_RATE=1e-3,
+                  LR_DECAY_STEPS=100, CPU_DEVICES=2, **NETWORKS[net])
+    return config
+
+
+def _batch(net: str, seed: int = 0):
+    """A global batch ({m: x}, {m: y}) as numpy, every class present.
+
+    The class frequencies differ between the first and the second half of the batch (the
+    two replicas' shares), so per-replica statistics would give clearly different losses.
+    """
+    rng = np.random.default_rng(seed)
+    shape = [BATCH, 16, 16, 3] if net == "2d" else [BATCH, 16, 16, 8, 1]
+    images, labels = {}, {}
+    for m in ("mr", "ct"):
+        y = np.stack([rng.choice(3, shape[1:-1], p=[0.8, 0.15, 0.05] if i < BATCH // 2
+                                 else [0.3, 0.2, 0.5]) for i in range(BATCH)])
+        labels[m] = y.astype(np.int32)
+        images[m] = (rng.normal(0, 1, shape) + y[..., None]).astype(np.float32)
+    return images, labels
+
+
+def _one_step(net: str, kind, reference=None) -> dict:
+    """Loss terms of one training step under ``kind`` and the gradient it applied.
+
+    The gradient is read back from the optimizer: after its first step from zero, Adam's
+    first moment is exactly (1 - beta_1) times the gradient it was given, that is the
+    replicas' gradients as the optimizer aggregated them (a MEAN instead of a SUM would
+    halve it).
+    """
+    import tempfile
+
+    import tensorflow as tf
+
+    from lib import losses
+    from lib.distribute import distribute_dataset, make_strategy
+    from lib.runtime import get_logger, setup_runtime
+    from lib.train import Trainer
+
+    if net == "2d":
+        from model_2d import build_model
+    else:
+        sys.path.insert(0, os.path.join(ROOT, "3d_implementation"))
+        from model_3d import build_model
+    config = dict(_config(net), DISTRIBUTE=kind)
+    strategy = make_strategy(config)
+    setup_runtime(config)
+    with strategy.scope():
+        model = build_model(config)
+    if reference is not None:  # the very same starting weights
+        for v, value in zip(model.variables, reference["weights0"]):
+            v.assign(value)
+    trainer = Trainer(config, model, tempfile.mkdtemp(), get_logger(None), strategy)
+    batch = next(iter(distribute_dataset(strategy, tf.data.Dataset.from_tensors(_batch(net)))))
+    out = {"weights0": [v.numpy() for v in model.variables],
+           "replica_batch": [int(x.shape[0]) for x in
+                             strategy.experimental_local_results(batch[0]["mr"])]}
+    out["terms"] = {k: np.asarray(v) for k, v in trainer.train_step(*batch).items()}
+    beta_1 = float(trainer.optimizer.beta_1)
+    out["grads"] = [np.asarray(m.numpy()) / (1.0 - beta_1) for m in trainer.optimizer._momentums]
+    if kind is None:
+        # What splitting the batch naively would give: the mean of the two halves' losses
+        # (on the same logits, as synchronised BN gives), to show the comparison can fail.
+        images, labels = _batch(net)
+        for v, value in zip(model.variables, out["weights0"]):
+            v.assign(value)
+        x = tf.concat([images["mr"], images["ct"]], axis=0)
+        logits = tf.split(model(x, modalities=("mr", "ct"), training=True), 2)
+        halves = []
+        for h in (slice(0, BATCH // 2), slice(BATCH // 2, BATCH)):
+            total, _ = losses.total_loss(
+                {"mr": logits[0][h], "ct": logits[1][h]},
+                {"mr": labels["mr"][h], "ct": labels["ct"][h]}, trainer.kernels,
+                **trainer.loss_kwargs)
+            halves.append(float(total))
+        out["naive_total"] = float(np.mean(halves))
+    return out
+
+
+def _relative(a, b):
+    """max |a - b| / max(|b|, tiny): a difference relative to the reference's scale."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
+
+
+def mirrored_child(net: str) -> dict:
+    """One step of ``net`` on one device and on 2 logical CPU devices: the differences."""
+    from lib.distribute import cpu_devices
+
+    cpu_devices(2)
+    report = {}
+    for net in (net,):
+        single = _one_step(net, None)
+        mirrored = _one_step(net, "mirrored", single)
+        report[net] = {
+            "replica_batch": mirrored["replica_batch"],
+            "total_single": float(single["terms"]["total"]),
+            "total_mirrored": float(mirrored["terms"]["total"]),
+            "naive_total": single["naive_total"],
+            "terms_abs": max(float(np.max(np.abs(mirrored["terms"][k] - single["terms"][k])))
+                             for k in single["terms"]),
+            "grads_rel": max(_relative(a, b) for a, b in zip(mirrored["grads"], single["grads"])),
+            "grads_abs": max(float(np.max(np.abs(a - b)))
+                             for a, b in zip(mirrored["grads"], single["grads"])),
+            "grad_scale": max(float(np.max(np.abs(g))) for g in single["grads"]),
+        }
+    return report
+
+
+def test_mirrored_two_cpu_devices_equal_one_device():
+    # One process per network, side by side: building the two steps is mostly tracing,
+    # one core each.
+    procs = {net: subprocess.Popen([sys.executable, __file__, "mirrored", net], cwd=ROOT,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+             for net in NETWORKS}
+    report = {}
+    try:
+        for net, proc in procs.items():
+            out, err = proc.communicate(timeout=TIMEOUT)
+            assert proc.returncode == 0, err[-3000:]
+            report.update(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert set(report) == set(NETWORKS)
+    for net, r in report.items():
+        assert r["replica_batch"] == [BATCH // 2, BATCH // 2], net  # really split in two
+        # The loss of the global batch, not a mean of per-replica losses.
+        assert abs(r["total_mirrored"] - r["total_single"]) < 1e-5, (net, r)
+        assert abs(r["naive_total"] - r["total_single"]) > 1e-3, (net, r)
+        assert r["terms_abs"] < 1e-5, (net, r)
+        # The gradient the optimizer applied (the replicas' gradients, aggregated) is the
+        # single-device gradient, to 1e-5 of its scale.
+        assert r["grads_abs"] < 1e-5 * max(1.0, r["grad_scale"]), (net, r)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if sys.argv[1] == "mirrored":
+        print(json.dumps(mirrored_child(sys.argv[2])))
+
+
+# ---------------------------------------------------------------------- multi_worker
+def free_ports(n: int) -> list[int]:
+    """n ports free on 127.0.0.1 right now (bound to port 0, then released)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def run_workers(args: list[str], scratch: list[str]) -> list[subprocess.CompletedProcess]:
+    """main_combine.py as worker 0 (chief) and worker 1 of a 2-worker cluster on loopback."""
+    hosts = [f"127.0.0.1:{p}" for p in free_ports(2)]
+    procs = []
+    for index in range(2):
+        tf_config = {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}}
+        env = dict(os.environ, TF_CONFIG=json.dumps(tf_config), TMPDIR=scratch[index],
+                   TF_CPP_MIN_LOG_LEVEL="2")
+        procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "main_combine.py"),
+                                       *args], env=env, cwd=ROOT, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    done = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=TIMEOUT)
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return done
+
+
+def log_records(output: str) -> list[dict]:
+    with open(os.path.join(output, "log.jsonl"), encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if '"loss/total"' in line]
+
+
+def test_multi_worker_two_processes_equal_one_process(tiny_data, tmp_path):
+    import main_combine
+    from conftest import tiny_overrides
+    from lib.pipeline import main
+
+    # Synchronised BN and no dropout: the two workers' halves of each batch then give the
+    # losses of the whole batch exactly (up to float rounding).
+    common = dict(sync_bn="true", dropout=0.0, num_steps=2, checkpoint_space=2)
+    single = str(tmp_path / "single")
+    args = tiny_overrides(tiny_data, single, phase="train", **dict(common, num_steps=4))
+    assert main(vars(main_combine), main_combine.network, args, main_combine.PRESETS,
+                main_combine.TYPES, main_combine._ROOT) == 0
+
+    out = str(tmp_path / "cluster")
+    scratch = [str(tmp_path / f"tmp{i}") for i in range(2)]
+    for folder in scratch:
+        os.makedirs(folder)
+    # Train 2 steps, then resume to 4 and test (the test phase runs on the chief only).
+    for extra in (dict(phase="train"), dict(phase="train_test", num_steps=4)):
+        args = tiny_overrides(tiny_data, out, distribute="multi_worker",
+                              **dict(common, **extra))
+        started = time.time()
+        results = run_workers(args, scratch)
+        for index, result in enumerate(results):
+            assert result.returncode == 0, (index, result.stderr[-3000:])
+        assert time.time() - started < TIMEOUT
+
+    # The same losses as one process with the whole batch, step by step. The first step's
+    # loss is computed from the same weights: equal to float rounding. Later steps drift
+    # (measured: 1e-6 at step 2, up to 5e-4 by step 5): Adam's first updates are about
+    # lr * sign(g), and some BN gradients are ~1e-8, where rounding decides the sign. A
+    # wrong batch or a per-replica loss would differ by 1e-2 or more.
+    reference, cluster = log_records(single), log_records(out)
+    assert [r["step"] for r in cluster] == [1, 2, 3, 4]  # written once, by the chief
+    assert [r["step"] for r in reference] == [1, 2, 3, 4]
+    keys = ("loss/total", "loss/mr_dice", "loss/ct_dice", "loss/mr_ce", "loss/ct_ce", "loss/kd")
+    for ref, got in zip(reference, cluster):
+        tolerance = 1e-5 if ref["step"] == 1 else 2e-3
+        for key in keys:
+            assert abs(got[key] - ref[key]) < tolerance, (ref["step"], key, got[key], ref[key])
+    # Only the chief wrote into OUTPUT_PATH: one event file per run and split, its
+    # checkpoints; the other worker's temporary checkpoints are gone.
+    ckpts = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "checkpoints", "*.index")))
+    assert ckpts == ["model-2.index", "model-4.index"]
+    assert len(glob.glob(os.path.join(out, "logs", "train", "events.out.tfevents.*"))) == 2
+    assert "resumed from" in open(os.path.join(out, "train.log"), encoding="utf-8").read()
+    assert os.listdir(scratch[1]) == []
+    report = json.load(open(os.path.join(out, "results", "metrics.json"), encoding="utf-8"))
+    assert report["checkpoint"].endswith("model-4")
