@@ -130,8 +130,16 @@ def mirrored_child(net: str) -> dict:
     """One step of ``net`` on one device and on 2 logical CPU devices: the differences."""
     from lib.distribute import cpu_devices
 
+    from lib.config import ConfigError
+    from lib.distribute import make_strategy
+
     cpu_devices(2)
     report = {}
+    try:  # 3 slices per modality cannot be split over 2 replicas
+        make_strategy(dict(_config(net), DISTRIBUTE="mirrored", BATCH_SIZE=3))
+        report["batch_error"] = None
+    except ConfigError as err:
+        report["batch_error"] = str(err)
     for net in (net,):
         single = _one_step(net, None)
         mirrored = _one_step(net, "mirrored", single)
@@ -162,7 +170,9 @@ def test_mirrored_two_cpu_devices_equal_one_device():
         for net, proc in procs.items():
             out, err = proc.communicate(timeout=TIMEOUT)
             assert proc.returncode == 0, err[-3000:]
-            report.update(json.loads(out.strip().splitlines()[-1]))
+            result = json.loads(out.strip().splitlines()[-1])
+            assert result.pop("batch_error", "").startswith("BATCH_SIZE: 3 (global"), result
+            report.update(result)
     finally:
         for proc in procs.values():
             if proc.poll() is None:
@@ -277,3 +287,26 @@ def test_multi_worker_two_processes_equal_one_process(tiny_data, tmp_path):
     assert os.listdir(scratch[1]) == []
     report = json.load(open(os.path.join(out, "results", "metrics.json"), encoding="utf-8"))
     assert report["checkpoint"].endswith("model-4")
+
+
+# ---------------------------------------------------------------------- bad settings
+@pytest.mark.parametrize("args, tf_config, message", [
+    (["--distribute=foo"], None, "DISTRIBUTE: expected none, mirrored or multi_worker"),
+    (["--distribute=multi_worker"], None, "DISTRIBUTE: multi_worker needs the TF_CONFIG"),
+    (["--distribute=multi_worker"], '{"cluster": {}}', "DISTRIBUTE: TF_CONFIG is not"),
+    (["--distribute=mirrored", "--xla=true"], None, "XLA: not supported together"),
+    (["--cpu_devices=-1"], None, "CPU_DEVICES: expected an integer >= 0"),
+])
+def test_bad_distribute_settings_are_one_line_errors(args, tf_config, message, monkeypatch,
+                                                     capsys):
+    import main_combine
+    from lib.pipeline import main
+
+    if tf_config is None:
+        monkeypatch.delenv("TF_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("TF_CONFIG", tf_config)
+    assert main(vars(main_combine), main_combine.network, args, main_combine.PRESETS,
+                main_combine.TYPES, main_combine._ROOT) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {message}") and "\n" not in err, err
