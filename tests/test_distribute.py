@@ -101,6 +101,12 @@ def _one_step(net: str, kind, reference=None) -> dict:
     out["terms"] = {k: np.asarray(v) for k, v in trainer.train_step(*batch).items()}
     beta_1 = float(trainer.optimizer.beta_1)
     out["grads"] = [np.asarray(m.numpy()) / (1.0 - beta_1) for m in trainer.optimizer._momentums]
+    # Every replica's copy of every variable (weights, BN statistics, optimizer slots) must
+    # still be the same after the step: the largest difference from the first copy.
+    copies = [strategy.experimental_local_results(getattr(v, "value", v))
+              for v in [*model.variables, *trainer.optimizer.variables]]
+    out["replica_spread"] = max(float(np.max(np.abs(c.numpy() - cs[0].numpy())))
+                                for cs in copies for c in cs)
     if kind is None:
         # What splitting the batch naively would give: the mean of the two halves' losses
         # (on the same logits, as synchronised BN gives), to show the comparison can fail.
@@ -120,18 +126,10 @@ def _one_step(net: str, kind, reference=None) -> dict:
     return out
 
 
-def _relative(a, b):
-    """max |a - b| / max(|b|, tiny): a difference relative to the reference's scale."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
-
-
 def mirrored_child(net: str) -> dict:
     """One step of ``net`` on one device and on 2 logical CPU devices: the differences."""
-    from lib.distribute import cpu_devices
-
     from lib.config import ConfigError
-    from lib.distribute import make_strategy
+    from lib.distribute import cpu_devices, make_strategy
 
     cpu_devices(2)
     report = {}
@@ -140,21 +138,20 @@ def mirrored_child(net: str) -> dict:
         report["batch_error"] = None
     except ConfigError as err:
         report["batch_error"] = str(err)
-    for net in (net,):
-        single = _one_step(net, None)
-        mirrored = _one_step(net, "mirrored", single)
-        report[net] = {
-            "replica_batch": mirrored["replica_batch"],
-            "total_single": float(single["terms"]["total"]),
-            "total_mirrored": float(mirrored["terms"]["total"]),
-            "naive_total": single["naive_total"],
-            "terms_abs": max(float(np.max(np.abs(mirrored["terms"][k] - single["terms"][k])))
-                             for k in single["terms"]),
-            "grads_rel": max(_relative(a, b) for a, b in zip(mirrored["grads"], single["grads"])),
-            "grads_abs": max(float(np.max(np.abs(a - b)))
-                             for a, b in zip(mirrored["grads"], single["grads"])),
-            "grad_scale": max(float(np.max(np.abs(g))) for g in single["grads"]),
-        }
+    single = _one_step(net, None)
+    mirrored = _one_step(net, "mirrored", single)
+    pairs = list(zip(mirrored["grads"], single["grads"]))
+    report[net] = {
+        "replica_batch": mirrored["replica_batch"],
+        "total_single": float(single["terms"]["total"]),
+        "total_mirrored": float(mirrored["terms"]["total"]),
+        "naive_total": single["naive_total"],
+        "terms_abs": max(float(np.max(np.abs(mirrored["terms"][k] - single["terms"][k])))
+                         for k in single["terms"]),
+        "grads_abs": max(float(np.max(np.abs(a - b))) for a, b in pairs),
+        "grad_scale": max(float(np.max(np.abs(b))) for _, b in pairs),
+        "replica_spread": mirrored["replica_spread"],
+    }
     return report
 
 
@@ -188,6 +185,8 @@ def test_mirrored_two_cpu_devices_equal_one_device():
         # The gradient the optimizer applied (the replicas' gradients, aggregated) is the
         # single-device gradient, to 1e-5 of its scale.
         assert r["grads_abs"] < 1e-5 * max(1.0, r["grad_scale"]), (net, r)
+        # ... and the replicas' copies of the variables stayed identical.
+        assert r["replica_spread"] == 0.0, (net, r)
 
 
 if __name__ == "__main__":
