@@ -244,7 +244,9 @@ def test_multi_worker_two_processes_equal_one_process(tiny_data, tmp_path):
 
     # Synchronised BN and no dropout: the two workers' halves of each batch then give the
     # losses of the whole batch exactly (up to float rounding).
-    common = dict(sync_bn="true", dropout=0.0, num_steps=2, checkpoint_space=2)
+    # No validation stream: it would only add the tracing of another step function.
+    common = dict(sync_bn="true", dropout=0.0, num_steps=2, checkpoint_space=2,
+                  source_val_list="", target_val_list="")
     single = str(tmp_path / "single")
     args = tiny_overrides(tiny_data, single, phase="train", **dict(common, num_steps=4))
     assert main(vars(main_combine), main_combine.network, args, main_combine.PRESETS,
