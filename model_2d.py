@@ -44,14 +44,14 @@ class ResidualBlock(keras.layers.Layer):
 
     def __init__(self, filters: int, dilation_rate: int = 1, dropout: float = 0.25,
                  conv_shared: bool = True, bn_shared: bool = False, modalities=MODALITIES,
-                 seed=None, **kwargs):
+                 seed=None, sync_bn: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.filters, self.dilation_rate, self.dropout = int(filters), int(dilation_rate), dropout
         self.conv_shared, self.bn_shared = conv_shared, bn_shared
-        self.modalities, self.seed = tuple(modalities), seed
+        self.modalities, self.seed, self.sync_bn = tuple(modalities), seed, bool(sync_bn)
         unit = dict(rank=2, dilation_rate=dilation_rate, preact=True, dropout=dropout,
                     conv_shared=conv_shared, bn_shared=bn_shared, modalities=modalities,
-                    seed=seed)
+                    seed=seed, sync_bn=sync_bn)
         self.unit1 = ConvUnit(filters, 3, name="unit1", **unit)
         self.unit2 = ConvUnit(filters, 3, name="unit2", **unit)
 
@@ -80,7 +80,7 @@ class ResidualBlock(keras.layers.Layer):
         config.update(filters=self.filters, dilation_rate=self.dilation_rate,
                       dropout=self.dropout, conv_shared=self.conv_shared,
                       bn_shared=self.bn_shared, modalities=list(self.modalities),
-                      seed=self.seed)
+                      seed=self.seed, sync_bn=self.sync_bn)
         return config
 
 
@@ -93,16 +93,18 @@ class DilatedResNet2D(keras.Model):
     """
 
     def __init__(self, n_class: int = 5, feature_base: int = 16, scheme: str = "ummkd",
-                 dropout: float = 0.25, modalities=MODALITIES, seed=None, **kwargs):
+                 dropout: float = 0.25, modalities=MODALITIES, seed=None,
+                 sync_bn: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.n_class, self.feature_base, self.scheme = int(n_class), int(feature_base), scheme
         self.dropout, self.modalities, self.seed = float(dropout), tuple(modalities), seed
+        self.sync_bn = bool(sync_bn)
         sch = get_scheme(scheme)
         f = self.feature_base
 
         def block(filters, stage, dilation=1):
             return ResidualBlock(filters, dilation, dropout, sch.conv_shared(stage),
-                                 sch.bn_shared(stage), modalities, seed)
+                                 sch.bn_shared(stage), modalities, seed, sync_bn)
 
         self.stem = ModalityConv(f, 3, rank=2, shared=sch.conv_shared("first"),
                                  modalities=modalities, seed=seed, name="stem")
@@ -119,13 +121,16 @@ class DilatedResNet2D(keras.Model):
         ]
         self.pool_after = (0, 1, 2)
         unit = dict(rank=2, preact=True, dropout=dropout, conv_shared=sch.conv_shared("decoder"),
-                    bn_shared=sch.bn_shared("decoder"), modalities=modalities, seed=seed)
+                    bn_shared=sch.bn_shared("decoder"), modalities=modalities, seed=seed,
+                    sync_bn=sync_bn)
         self.g9 = [ConvUnit(32 * f, 3, **unit), ConvUnit(32 * f, 3, **unit)]
         up_channels = DOWNSAMPLING * DOWNSAMPLING * DOWNSAMPLING * self.n_class
+        # Wide layer on a small image: its kernel gradient is faster as one matmul.
         self.g10_conv = ModalityConv(up_channels, 3, rank=2, padding="valid",
                                      shared=sch.conv_shared("last"), modalities=modalities,
-                                     seed=seed, name="g10_conv")
+                                     seed=seed, filter_grad="matmul", name="g10_conv")
         self.g10_bn = ModalityBatchNorm(shared=sch.bn_shared("last"), modalities=modalities,
+                                        activation_slope=0.2, synchronized=sync_bn,
                                         name="g10_bn")
         self.out_conv = ModalityConv(self.n_class, 5, rank=2, padding="valid", use_bias=True,
                                      shared=sch.conv_shared("last"), modalities=modalities,
@@ -143,7 +148,7 @@ class DilatedResNet2D(keras.Model):
             x = unit(x, training=training, **kw)
         x = tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="SYMMETRIC")
         x = self.g10_conv(x, **kw)
-        x = tf.nn.leaky_relu(self.g10_bn(x, training=training, **kw), 0.2)
+        x = self.g10_bn(x, training=training, **kw)  # with its LeakyReLU(0.2)
         x = tf.nn.depth_to_space(x, DOWNSAMPLING)
         x = tf.pad(x, [[0, 0], [2, 2], [2, 2], [0, 0]], mode="SYMMETRIC")
         return self.out_conv(x, **kw)
@@ -158,12 +163,13 @@ class DilatedResNet2D(keras.Model):
     def get_config(self):
         return dict(n_class=self.n_class, feature_base=self.feature_base, scheme=self.scheme,
                     dropout=self.dropout, modalities=list(self.modalities), seed=self.seed,
-                    name=self.name)
+                    sync_bn=self.sync_bn, name=self.name)
 
 
 def build_model(config: dict) -> DilatedResNet2D:
     """The 2D network for a resolved configuration (keys N_CLASS, FEATURE_BASE, SCHEME...)."""
     model = DilatedResNet2D(n_class=config["N_CLASS"], feature_base=config["FEATURE_BASE"],
                             scheme=config["SCHEME"], dropout=config.get("DROPOUT", 0.25),
-                            seed=config.get("SEED"), name="ummkd_2d")
+                            seed=config.get("SEED"), sync_bn=config.get("SYNC_BN", False),
+                            name="ummkd_2d")
     return model.build_for(DOWNSAMPLING * 2)

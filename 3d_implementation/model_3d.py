@@ -31,17 +31,17 @@ class UNet3D(keras.Model):
     """Call as ``model(x, modalities=("mr", "ct"), training=...)`` (see lib/layers.py)."""
 
     def __init__(self, n_class: int = 5, feature_base: int = 16, scheme: str = "ummkd",
-                 modalities=MODALITIES, seed=None, **kwargs):
+                 modalities=MODALITIES, seed=None, sync_bn: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.n_class, self.feature_base, self.scheme = int(n_class), int(feature_base), scheme
-        self.modalities, self.seed = tuple(modalities), seed
+        self.modalities, self.seed, self.sync_bn = tuple(modalities), seed, bool(sync_bn)
         sch = get_scheme(scheme)
         f = self.feature_base
 
         def unit(filters, kernel, stage, **kw):
             return ConvUnit(filters, kernel, rank=3, preact=False,
                             conv_shared=sch.conv_shared(stage), bn_shared=sch.bn_shared(stage),
-                            modalities=modalities, seed=seed, **kw)
+                            modalities=modalities, seed=seed, sync_bn=sync_bn, **kw)
 
         k3, k1 = (3, 3, 3), (3, 3, 1)
         self.enc = [
@@ -84,10 +84,12 @@ class UNet3D(keras.Model):
 
     def get_config(self):
         return dict(n_class=self.n_class, feature_base=self.feature_base, scheme=self.scheme,
-                    modalities=list(self.modalities), seed=self.seed, name=self.name)
+                    modalities=list(self.modalities), seed=self.seed, sync_bn=self.sync_bn,
+                    name=self.name)
 
 
 def build_model(config: dict) -> UNet3D:
     model = UNet3D(n_class=config["N_CLASS"], feature_base=config["FEATURE_BASE"],
-                   scheme=config["SCHEME"], seed=config.get("SEED"), name="ummkd_3d")
+                   scheme=config["SCHEME"], seed=config.get("SEED"),
+                   sync_bn=config.get("SYNC_BN", False), name="ummkd_3d")
     return model.build_for((DOWNSAMPLING, DOWNSAMPLING, DOWNSAMPLING))

@@ -35,6 +35,7 @@ from lib import losses
 from lib.config import ConfigError, load_config, save_config
 from lib.distribute import first_replica, is_chief, local_results, worker
 from lib.layers import MODALITIES, conv_kernels
+from lib.optim import FusedAdam
 from lib.runtime import get_logger, launch_tensorboard
 from lib.schemes import get_scheme
 
@@ -84,7 +85,7 @@ def learning_rate_schedule(config: dict):
 
 
 def make_optimizer(config: dict, model) -> keras.optimizers.Optimizer:
-    optimizer = keras.optimizers.Adam(learning_rate_schedule(config))
+    optimizer = FusedAdam(learning_rate_schedule(config))
     if config.get("PRECISION") == "fp16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     # Create the slot variables now so that a checkpoint restores them immediately.

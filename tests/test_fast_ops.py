@@ -1,0 +1,106 @@
+"""The speed pieces of issue 7 against plain references: direct dilated convolution,
+matmul kernel gradient, byte dropout, fused Adam, BN with its fused activation."""
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from lib.layers import ModalityBatchNorm, byte_dropout, convolution, filter_gradient_matmul
+from lib.optim import FusedAdam
+
+RNG = np.random.default_rng(0)
+
+
+def _grads(fn, x, w):
+    """Output and gradients of a fixed random projection, in a graph (eager Conv3D grads
+    of tf.nn.convolution fail in TF 2.21: no data_format attribute)."""
+    return tf.function(lambda: _grads_eager(fn, x, w))()
+
+
+def _grads_eager(fn, x, w):
+    with tf.GradientTape() as tape:
+        tape.watch([x, w])
+        y = fn(x, w)
+        upstream = np.random.default_rng(1).normal(size=y.shape)  # same for both paths
+        loss = tf.reduce_sum(y * tf.constant(upstream, tf.float32))
+    return y, tape.gradient(loss, [x, w])
+
+
+@pytest.mark.parametrize("rank,kernel,dilation,padding", [
+    (2, (3, 3), 1, "same"), (2, (3, 3), 2, "same"), (2, (3, 3), 1, "valid"),
+    (2, (5, 5), 1, "valid"), (2, (2, 2), 1, "same"), (3, (3, 3, 1), 1, "same"),
+    (3, (3, 3, 3), 1, "valid")])
+@pytest.mark.parametrize("filter_grad", ["native", "matmul"])
+def test_convolution_equals_keras_path(rank, kernel, dilation, padding, filter_grad):
+    """Value and both gradients equal tf.nn.convolution (space-to-batch when dilated)."""
+    spatial = [7, 6] if rank == 2 else [6, 5, 4]
+    x = tf.constant(RNG.normal(size=[2, *spatial, 3]), tf.float32)
+    w = tf.constant(RNG.normal(size=[*kernel, 3, 4]), tf.float32)
+    ref_y, ref_g = _grads(lambda a, b: tf.nn.convolution(a, b, padding=padding.upper(),
+                                                         dilations=dilation), x, w)
+    y, g = _grads(lambda a, b: convolution(a, b, dilation, padding, filter_grad), x, w)
+    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+    for got, want in zip(g, ref_g):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_filter_gradient_matmul_by_hand():
+    """1x1 image channel, 2x2 kernel, 'valid' on a 3x3 image: dW[i,j] = sum x[h+i,w+j] dy[h,w]."""
+    x = tf.reshape(tf.range(9, dtype=tf.float32), [1, 3, 3, 1])   # 0..8 row-major
+    dy = tf.constant([[1.0, 0.0], [0.0, 2.0]])[None, :, :, None]     # picks (0,0) and 2*(1,1)
+    dw = filter_gradient_matmul(x, dy, [2, 2, 1, 1], (1, 1), "valid")[..., 0, 0]
+    # dW[i,j] = x[i,j] + 2*x[1+i,1+j]: [[0+8, 1+10], [3+14, 4+16]]
+    np.testing.assert_allclose(dw, [[8, 11], [17, 20]])
+
+
+def test_byte_dropout_rate_values_and_seed():
+    x = tf.ones([1000, 1000])
+    y = byte_dropout(x, 0.25, tf.constant([1, 2], tf.int32)).numpy()
+    assert set(np.unique(y)) == {0.0, np.float32(4 / 3)}
+    assert abs((y == 0).mean() - 0.25) < 0.003  # 64/256 exactly; sd of the mean 0.0004
+    np.testing.assert_array_equal(y, byte_dropout(x, 0.25, tf.constant([1, 2])).numpy())
+    assert not np.array_equal(y, byte_dropout(x, 0.25, tf.constant([1, 3])).numpy())
+    # 0.1 rounds to 26/256: kept values scaled by 256/230 keep the mean at 1.
+    z = byte_dropout(x, 0.1, tf.constant([5, 6], tf.int32)).numpy()
+    assert abs((z == 0).mean() - 26 / 256) < 0.003
+    assert abs(z.mean() - 1.0) < 0.005
+    odd = tf.ones([3, 5, 7], tf.bfloat16)  # element count not a multiple of 4
+    assert byte_dropout(odd, 0.5, tf.constant([0, 0])).shape == (3, 5, 7)
+    assert byte_dropout(x, 0.0, tf.constant([0, 0])) is x
+
+
+def test_fused_adam_equals_keras_adam():
+    values = [RNG.normal(size=s).astype(np.float32) for s in ([3, 4], [5])]
+    grads = [[tf.constant(RNG.normal(size=v.shape), tf.float32) for v in values]
+             for _ in range(3)]
+    results = []
+    for cls in (keras.optimizers.Adam, FusedAdam):
+        variables = [keras.Variable(v) for v in values]
+        opt = cls(learning_rate=0.01)
+        for g in grads:
+            opt.apply_gradients(zip(g, variables))
+        results.append([v.numpy() for v in variables])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)  # ulp of 1 is 1.2e-7
+        assert not np.allclose(a, values[0] if a.shape == (3, 4) else values[1])
+
+
+def test_bn_with_fused_activation_matches_numpy():
+    """Training mode: per-modality batch statistics, gamma/beta rows, LeakyReLU(0.2)."""
+    x = RNG.normal(size=[4, 3, 3, 2]).astype(np.float32) * 3 + 1
+    bn = ModalityBatchNorm(activation_slope=0.2, epsilon=1e-3)
+    bn.build(x.shape)
+    bn.gamma.assign([[1.0, 2.0], [0.5, -1.0]])
+    bn.beta.assign([[0.0, 1.0], [-1.0, 0.5]])
+    y = bn(tf.constant(x), modalities=("mr", "ct"), training=True).numpy()
+    want = []
+    for k, part in enumerate(np.split(x, 2)):
+        mean, var = part.mean(axis=(0, 1, 2)), part.var(axis=(0, 1, 2))
+        z = (part - mean) / np.sqrt(var + 1e-3) * bn.gamma.numpy()[k] + bn.beta.numpy()[k]
+        want.append(np.where(z > 0, z, 0.2 * z))
+    np.testing.assert_allclose(y, np.concatenate(want), rtol=1e-5, atol=1e-5)
+    # One replica: the synchronised layer computes the same thing.
+    sync = ModalityBatchNorm(activation_slope=0.2, epsilon=1e-3, synchronized=True)
+    sync.build(x.shape)
+    sync.set_weights(bn.get_weights())
+    np.testing.assert_allclose(sync(tf.constant(x), training=True), y, rtol=1e-6)
