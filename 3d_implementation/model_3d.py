@@ -38,8 +38,10 @@ class UNet3D(keras.Model):
         sch = get_scheme(scheme)
         f = self.feature_base
 
+        # Kernel gradients one depth offset at a time: oneDNN's 3D kernel-gradient op was
+        # the largest cost of the training step on the CPU (lib.layers, README).
         def unit(filters, kernel, stage, **kw):
-            return ConvUnit(filters, kernel, rank=3, preact=False,
+            return ConvUnit(filters, kernel, rank=3, preact=False, filter_grad="depth_slices",
                             conv_shared=sch.conv_shared(stage), bn_shared=sch.bn_shared(stage),
                             modalities=modalities, seed=seed, sync_bn=sync_bn, **kw)
 

@@ -116,17 +116,65 @@ def filter_gradient_matmul(x, dy, kernel_shape, dilation, padding: str):
     return tf.reshape(dw, list(kernel_size) + [cin, cout])
 
 
+def _same_padding_strided(size: int, kernel: int, stride: int) -> list:
+    """[before, after] of TensorFlow's "same" padding along one axis at any stride."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return [total // 2, total - total // 2]
+
+
+def filter_gradient_depth_slices(x, dy, kernel_shape, strides=1, padding: str = "same"):
+    """Kernel gradient of a 3D convolution as one 2D kernel gradient per depth offset.
+
+    x [B, H, W, D, Cin], dy [B, H', W', D', Cout] -> [kh, kw, kd, Cin, Cout], for the
+    forward op conv3d(x, kernel, strides, padding) (no dilation). The depth axis is moved
+    next to the batch and folded into it; depth offset e of the kernel sees the depth
+    slices e, e + sd, ... of the padded input. On this CPU oneDNN's 3D kernel-gradient op
+    ran at 2-8x its forward time on the U-Net's layers; the 2D op on the folded tensors
+    took 1.2-4x less (README, Performance).
+    """
+    kh, kw, kd, cin, cout = (int(v) for v in kernel_shape)
+    sh, sw, sd = _per_axis(strides, 3)
+    h, w, depth = (int(v) for v in x.shape[1:4])
+    ho, wo, do = (int(v) for v in dy.shape[1:4])
+    if padding == "same":
+        x = tf.pad(x, [[0, 0], [0, 0], [0, 0], _same_padding_strided(depth, kd, sd), [0, 0]])
+    xt = tf.transpose(x, [0, 3, 1, 2, 4])  # [B, D_padded, H, W, Cin]
+    dyt = tf.reshape(tf.transpose(dy, [0, 3, 1, 2, 4]), [-1, ho, wo, cout])
+    per_offset = []
+    for e in range(kd):
+        # A gather copies whole [H, W, C] blocks; a strided slice of bf16 was 15x slower.
+        xe = tf.reshape(tf.gather(xt, tf.range(e, e + (do - 1) * sd + 1, sd), axis=1),
+                        [-1, h, w, cin])
+        per_offset.append(tf.raw_ops.Conv2DBackpropFilter(
+            input=xe, filter_sizes=[kh, kw, cin, cout], out_backprop=dyt,
+            strides=[1, sh, sw, 1], padding=padding.upper()))
+    return tf.stack(per_offset, axis=2)
+
+
+FILTER_GRADS = ("native", "matmul", "depth_slices")
+
+
+def _check_filter_grad(filter_grad: str, rank: int, dilation=(1,)) -> None:
+    if filter_grad not in FILTER_GRADS:
+        raise ValueError(f"filter_grad: expected one of {FILTER_GRADS}, got {filter_grad!r}")
+    if filter_grad == "depth_slices" and (rank != 3 or set(dilation) != {1}):
+        raise ValueError("filter_grad='depth_slices' is for undilated 3D convolutions")
+
+
 def convolution(x, kernel, dilation_rate=1, padding: str = "same",
                 filter_grad: str = "native"):
     """Stride-1 2D or 3D convolution, x [B, H, W(, D), Cin] * kernel [*K, Cin, Cout].
 
     Calls the convolution op with its dilation directly: tf.nn.convolution (what Keras
     layers use) wraps a dilated convolution in space-to-batch reshuffles, which made the
-    dilated 2D layers 2.5x slower per training step on this CPU. ``filter_grad="matmul"``
-    computes the kernel gradient with filter_gradient_matmul instead of the native op.
+    dilated 2D layers 2.5x slower per training step on this CPU. ``filter_grad`` chooses
+    how the kernel gradient is computed: "native" (the op's own gradient), "matmul"
+    (filter_gradient_matmul) or "depth_slices" (3D only: filter_gradient_depth_slices).
     """
     rank = x.shape.rank - 2
     dilation = _per_axis(dilation_rate, rank)
+    _check_filter_grad(filter_grad, rank, dilation)
     pad = padding.upper()
     strides = [1] * (rank + 2)
     dilations = [1, *dilation, 1]
@@ -135,8 +183,6 @@ def convolution(x, kernel, dilation_rate=1, padding: str = "same",
         x, kernel, strides, pad, data_format=data_format, dilations=dilations)
     if filter_grad == "native":
         return op(x, kernel)
-    if filter_grad != "matmul":
-        raise ValueError(f"filter_grad: expected 'native' or 'matmul', got {filter_grad!r}")
     backprop_input = (tf.raw_ops.Conv2DBackpropInput if rank == 2
                       else tf.raw_ops.Conv3DBackpropInputV2)
 
@@ -146,11 +192,47 @@ def convolution(x, kernel, dilation_rate=1, padding: str = "same",
             dx = backprop_input(input_sizes=tf.shape(x), filter=kernel, out_backprop=dy,
                                 strides=strides, padding=pad, dilations=dilations,
                                 data_format=data_format)
-            dw = filter_gradient_matmul(x, dy, kernel.shape, dilation, padding.lower())
+            if filter_grad == "matmul":
+                dw = filter_gradient_matmul(x, dy, kernel.shape, dilation, padding.lower())
+            else:
+                dw = filter_gradient_depth_slices(x, dy, kernel.shape, 1, padding.lower())
             return dx, dw
         return op(x, kernel), grad
 
     return conv(x, kernel)
+
+
+def transposed_convolution(x, kernel, strides, filter_grad: str = "native"):
+    """Transposed 2D or 3D convolution with "same" padding, as Keras' ConvNDTranspose.
+
+    x [B, *S, Cin], kernel [*K, Cout, Cin] (Keras' layout) -> [B, *(S * strides), Cout].
+    ``filter_grad="depth_slices"`` (3D) computes the kernel gradient, which is the kernel
+    gradient of the strided convolution that maps the output back to x, with
+    filter_gradient_depth_slices; oneDNN's own op took 8x the forward time for the U-Net's
+    last upsampling layer on this CPU.
+    """
+    rank = x.shape.rank - 2
+    stride = _per_axis(strides, rank)
+    _check_filter_grad(filter_grad, rank)
+    if filter_grad == "matmul":
+        raise ValueError("filter_grad='matmul' is for stride-1, not transposed, convolutions")
+    out_shape = tf.concat([tf.shape(x)[:1], [int(n) * s for n, s in zip(x.shape[1:-1], stride)],
+                           [kernel.shape[-2]]], axis=0)
+    full = [1, *stride, 1]
+    op = lambda x, kernel: tf.nn.conv_transpose(x, kernel, out_shape, full, "SAME")
+    if filter_grad == "native":
+        return op(x, kernel)
+    forward = tf.nn.conv2d if rank == 2 else tf.nn.conv3d
+
+    @tf.custom_gradient
+    def conv_t(x, kernel):
+        def grad(dy):
+            dx = forward(dy, kernel, full, "SAME")
+            dw = filter_gradient_depth_slices(dy, x, kernel.shape, stride, "same")
+            return dx, dw
+        return op(x, kernel), grad
+
+    return conv_t(x, kernel)
 
 
 def byte_dropout(x, rate: float, seed):
@@ -300,7 +382,9 @@ class ModalityConv(PerModality):
 
     ``kernel_size`` is an int or a tuple (3D kernels such as (3, 3, 1)); ``rank`` 2 or 3.
     The Keras layers of the branches own the variables; stride-1 convolutions are computed
-    by ``convolution`` (direct dilated op; ``filter_grad`` "native" or "matmul").
+    by ``convolution`` (direct dilated op), transposed ones with "same" padding by
+    ``transposed_convolution``; ``filter_grad`` (see ``convolution``) chooses how their
+    kernel gradients are computed.
     """
 
     def __init__(self, filters: int, kernel_size=3, rank: int = 2, dilation_rate=1,
@@ -317,8 +401,9 @@ class ModalityConv(PerModality):
         self.transpose = bool(transpose)
         self.strides = strides
         self.seed = seed
-        if filter_grad not in ("native", "matmul"):
-            raise ValueError(f"filter_grad: expected 'native' or 'matmul', got {filter_grad!r}")
+        if transpose and filter_grad == "matmul":
+            raise ValueError("filter_grad='matmul' is for stride-1, not transposed, convolutions")
+        _check_filter_grad(filter_grad, self.rank, _per_axis(dilation_rate, self.rank))
         self.filter_grad = filter_grad
         self._make_branches()
 
@@ -333,12 +418,17 @@ class ModalityConv(PerModality):
         return cls(dilation_rate=self.dilation_rate, **common)
 
     def _apply(self, layer, x, training):
-        if self.transpose or _per_axis(self.strides, self.rank) != (1,) * self.rank:
-            return layer(x)
         dtype = layer.compute_dtype
-        y = convolution(tf.cast(x, dtype), tf.cast(layer.kernel, dtype), self.dilation_rate,
-                        self.padding, self.filter_grad)
-        return tf.nn.bias_add(y, tf.cast(layer.bias, dtype)) if self.use_bias else y
+        cast = lambda v: tf.cast(v, dtype)
+        if self.transpose and self.padding == "same":
+            y = transposed_convolution(cast(x), cast(layer.kernel), self.strides,
+                                       self.filter_grad)
+        elif self.transpose or _per_axis(self.strides, self.rank) != (1,) * self.rank:
+            return layer(x)
+        else:
+            y = convolution(cast(x), cast(layer.kernel), self.dilation_rate, self.padding,
+                            self.filter_grad)
+        return tf.nn.bias_add(y, cast(layer.bias)) if self.use_bias else y
 
     def kernels(self):
         """The convolution kernels (not biases), for the L2 penalty."""
@@ -373,13 +463,14 @@ class ConvUnit(keras.layers.Layer):
     SeedGenerator, whose state is a model variable, so a resumed run continues its stream).
     ``preact=False`` is the unit of the 3D U-Net: conv -> BN -> LeakyReLU. Convolutions
     have no bias (BN follows or precedes). ``sync_bn``: synchronised BN statistics across
-    tf.distribute replicas (see ModalityBatchNorm).
+    tf.distribute replicas (see ModalityBatchNorm). ``filter_grad``: see ModalityConv.
     """
 
     def __init__(self, filters: int, kernel_size=3, rank: int = 2, dilation_rate=1,
                  preact: bool = True, dropout: float = 0.0, conv_shared: bool = True,
                  bn_shared: bool = False, transpose: bool = False, strides=1,
-                 modalities=MODALITIES, seed=None, sync_bn: bool = False, **kwargs):
+                 modalities=MODALITIES, seed=None, sync_bn: bool = False,
+                 filter_grad: str = "native", **kwargs):
         super().__init__(**kwargs)
         self.filters, self.kernel_size, self.rank = int(filters), kernel_size, int(rank)
         self.dilation_rate, self.preact, self.dropout = dilation_rate, bool(preact), float(dropout)
@@ -388,7 +479,9 @@ class ConvUnit(keras.layers.Layer):
         self.modalities, self.seed, self.sync_bn = tuple(modalities), seed, bool(sync_bn)
         self.conv = ModalityConv(filters, kernel_size, rank=rank, dilation_rate=dilation_rate,
                                  transpose=transpose, strides=strides, shared=conv_shared,
-                                 modalities=modalities, seed=seed, name="conv")
+                                 modalities=modalities, seed=seed, filter_grad=filter_grad,
+                                 name="conv")
+        self.filter_grad = filter_grad
         self.bn = ModalityBatchNorm(shared=bn_shared, modalities=modalities, activation_slope=0.2,
                                     synchronized=sync_bn, name="bn")
         self.seed_generator = keras.random.SeedGenerator(seed) if dropout > 0 else None
@@ -426,5 +519,5 @@ class ConvUnit(keras.layers.Layer):
                       dropout=self.dropout, conv_shared=self.conv_shared,
                       bn_shared=self.bn_shared, transpose=self.transpose,
                       strides=self.strides, modalities=list(self.modalities), seed=self.seed,
-                      sync_bn=self.sync_bn)
+                      sync_bn=self.sync_bn, filter_grad=self.filter_grad)
         return config

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lib.layers import ModalityBatchNorm, byte_dropout, convolution, filter_gradient_matmul
+from lib.layers import (ModalityBatchNorm, ModalityConv, byte_dropout, convolution,
+                        filter_gradient_matmul, transposed_convolution)
 from lib.optim import FusedAdam
 
 RNG = np.random.default_rng(0)
@@ -29,10 +30,14 @@ def _grads_eager(fn, x, w):
 @pytest.mark.parametrize("rank,kernel,dilation,padding", [
     (2, (3, 3), 1, "same"), (2, (3, 3), 2, "same"), (2, (3, 3), 1, "valid"),
     (2, (5, 5), 1, "valid"), (2, (2, 2), 1, "same"), (3, (3, 3, 1), 1, "same"),
-    (3, (3, 3, 3), 1, "valid")])
-@pytest.mark.parametrize("filter_grad", ["native", "matmul"])
+    (3, (3, 3, 3), 1, "valid"), (3, (2, 3, 3), 1, "same")])
+@pytest.mark.parametrize("filter_grad", ["native", "matmul", "depth_slices"])
 def test_convolution_equals_keras_path(rank, kernel, dilation, padding, filter_grad):
     """Value and both gradients equal tf.nn.convolution (space-to-batch when dilated)."""
+    if filter_grad == "depth_slices" and rank == 2:
+        with pytest.raises(ValueError, match="3D"):
+            convolution(tf.zeros([1, 4, 4, 1]), tf.zeros([3, 3, 1, 1]), 1, "same", filter_grad)
+        return
     spatial = [7, 6] if rank == 2 else [6, 5, 4]
     x = tf.constant(RNG.normal(size=[2, *spatial, 3]), tf.float32)
     w = tf.constant(RNG.normal(size=[*kernel, 3, 4]), tf.float32)
@@ -42,6 +47,32 @@ def test_convolution_equals_keras_path(rank, kernel, dilation, padding, filter_g
     np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
     for got, want in zip(g, ref_g):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel,strides,spatial", [
+    ((3, 3, 3), 2, (4, 3, 4)), ((3, 3, 1), 2, (4, 4, 2)), ((2, 2, 2), 2, (3, 3, 3)),
+    ((3, 3, 3), (2, 1, 2), (3, 3, 3))])
+@pytest.mark.parametrize("filter_grad", ["native", "depth_slices"])
+def test_transposed_convolution_equals_keras(kernel, strides, spatial, filter_grad):
+    """Value, input and kernel gradients equal Keras' Conv3DTranspose ("same" padding)."""
+    x = tf.constant(RNG.normal(size=[2, *spatial, 3]), tf.float32)
+    w = tf.constant(RNG.normal(size=[*kernel, 4, 3]), tf.float32)  # [*K, Cout, Cin]
+    ref_y, ref_g = _grads(lambda a, b: keras.ops.conv_transpose(a, b, strides, "same"), x, w)
+    y, g = _grads(lambda a, b: transposed_convolution(a, b, strides, filter_grad), x, w)
+    assert y.shape == (2, *[n * s for n, s in zip(spatial, strides if isinstance(
+        strides, tuple) else (strides,) * 3)], 4)
+    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+    for got, want in zip(g, ref_g):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_filter_grad_choices_checked():
+    with pytest.raises(ValueError, match="filter_grad"):
+        ModalityConv(4, 3, rank=2, filter_grad="fast")
+    with pytest.raises(ValueError, match="transposed"):
+        ModalityConv(4, 3, rank=3, transpose=True, strides=2, filter_grad="matmul")
+    with pytest.raises(ValueError, match="undilated 3D"):
+        ModalityConv(4, 3, rank=3, dilation_rate=2, filter_grad="depth_slices")
 
 
 def test_filter_gradient_matmul_by_hand():
