@@ -205,6 +205,62 @@ def sample_files(files: list[str], seed: int, start: int = 0) -> tf.data.Dataset
     return tf.data.Dataset.counter(start=start, dtype=tf.int64).map(pick)
 
 
+# Files up to this size are read whole, with one read op each (the released data has one
+# small record per file); larger shard files are streamed by tf.data.TFRecordDataset.
+WHOLE_FILE_MAX_BYTES = 64 << 20
+
+
+def read_records(path) -> tf.Tensor:
+    """All records of one TFRecord file from a single read: [N] strings.
+
+    TFRecord framing, little endian: per record a uint64 length, a uint32 CRC of it, the
+    data and a uint32 CRC of the data. The CRCs are not checked here (validate_tfrecords
+    checks every file before training with CHECK_DATA); a length that runs past the end of
+    the file stops the pipeline with an error that names the file (parse_slice's format).
+    """
+    content = tf.io.read_file(path)
+    size = tf.cast(tf.strings.length(content), tf.int64)
+
+    def check(ok):
+        return tf.debugging.Assert(ok, ["BADRECORD", path, "truncated or corrupt: a record "
+                                        "runs past the end of the file"])
+
+    def body(i, offset, records):
+        with tf.control_dependencies([check(offset + 16 <= size)]):
+            header = tf.strings.substr(content, tf.cast(offset, tf.int32), 8)
+        length = tf.io.decode_raw(header, tf.int64)[0]
+        with tf.control_dependencies([check((length >= 0) & (offset + 16 + length <= size))]):
+            record = tf.strings.substr(content, tf.cast(offset + 12, tf.int32),
+                                       tf.cast(length, tf.int32))
+        return i + 1, offset + 16 + length, records.write(i, record)
+
+    def every_record():
+        _, _, records = tf.while_loop(
+            lambda i, offset, records: offset < size, body,
+            (tf.constant(0), tf.constant(0, tf.int64),
+             tf.TensorArray(tf.string, size=0, dynamic_size=True, element_shape=[])))
+        return records.stack()
+
+    # One record filling the file (the released layout): no loop.
+    first = tf.cond(size >= 16,
+                    lambda: tf.io.decode_raw(tf.strings.substr(content, 0, 8), tf.int64)[0],
+                    lambda: tf.constant(-1, tf.int64))
+    return tf.cond(tf.equal(first, size - 16),
+                   lambda: tf.strings.substr(content, 12, tf.cast(first, tf.int32))[None],
+                   every_record)
+
+
+def _records_with_names(files: list[str], names: tf.data.Dataset) -> tf.data.Dataset:
+    """(file name, serialized record) of every record of the named files, in order."""
+    if max(os.path.getsize(f) for f in files) <= WHOLE_FILE_MAX_BYTES:
+        ds = names.map(lambda f: (f, read_records(f)), num_parallel_calls=tf.data.AUTOTUNE,
+                       deterministic=True)
+        return ds.map(lambda f, r: (tf.fill(tf.shape(r), f), r)).unbatch()
+    return names.interleave(lambda f: tf.data.TFRecordDataset(f).map(lambda r: (f, r)),
+                            cycle_length=8, block_length=1,
+                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
 def slice_dataset(files: list[str], image_size: int, batch_size: int, *, seed: int = 0,
                   start_step: int = 0, augment=None, n_class: int | None = None,
                   repeat: bool = True) -> tf.data.Dataset:
@@ -221,9 +277,7 @@ def slice_dataset(files: list[str], image_size: int, batch_size: int, *, seed: i
         names = sample_files(files, seed, start_step * batch_size)
     else:
         names = tf.data.Dataset.from_tensor_slices(list(files))
-    ds = names.interleave(lambda f: tf.data.TFRecordDataset(f).map(lambda r: (f, r)),
-                          cycle_length=8, block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
-                          deterministic=True)
+    ds = _records_with_names(files, names)
     ds = ds.map(lambda f, r: parse_slice(r, image_size, f, n_class),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if augment is not None:

@@ -92,6 +92,50 @@ def test_slice_dataset_batches_and_zips_modalities(tiny_data):
     assert set(images) == {"mr", "ct"} and labels["ct"].shape == (3, 16, 16)
 
 
+def _write_records(path, records):
+    with tf.io.TFRecordWriter(path) as writer:
+        for r in records:
+            writer.write(r)
+
+
+@pytest.mark.parametrize("records", [[b"one record"], [b"a", b"hello", b""], []])
+def test_read_records_splits_the_tfrecord_framing(tmp_path, records):
+    path = str(tmp_path / "r.tfrecords")
+    _write_records(path, records)
+    # framing: 8-byte length + 4-byte CRC + data + 4-byte CRC per record
+    assert os.path.getsize(path) == sum(16 + len(r) for r in records)
+    assert list(data.read_records(path).numpy()) == records
+
+
+def test_read_records_names_a_truncated_file(tmp_path):
+    path = str(tmp_path / "t.tfrecords")
+    _write_records(path, [b"first", b"second record"])
+    raw = open(path, "rb").read()
+    read = tf.function(data.read_records)  # as in the pipeline: a graph
+    for cut in (len(raw) - 3, 21 + 5):  # inside the second record's data; inside its header
+        open(path, "wb").write(raw[:cut])
+        with pytest.raises(tf.errors.InvalidArgumentError) as err:
+            read(path)
+        assert data.bad_record_message(err.value) == (
+            f"{path}: truncated or corrupt: a record runs past the end of the file")
+
+
+def test_slice_dataset_reads_shards_and_single_records_alike(tmp_path, monkeypatch):
+    """Whole-file reads (small files) and streamed shards give the same slices in order."""
+    rng = np.random.default_rng(3)
+    slices = [(rng.normal(size=(8, 8, 3)).astype(np.float32), rng.integers(0, 5, (8, 8)))
+              for _ in range(5)]
+    shard = str(tmp_path / "shard.tfrecords")
+    data.write_slices(shard, slices)
+    whole = list(data.slice_dataset([shard], 8, 5, repeat=False))
+    monkeypatch.setattr(data, "WHOLE_FILE_MAX_BYTES", 0)
+    streamed = list(data.slice_dataset([shard], 8, 5, repeat=False))
+    for got in (whole, streamed):
+        assert len(got) == 1
+        np.testing.assert_array_equal(got[0][0], np.stack([s[0] for s in slices]))
+        np.testing.assert_array_equal(got[0][1], np.stack([s[1] for s in slices]))
+
+
 def test_npz_volume_with_flip(tmp_path):
     img = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
     lab = (img > 10).astype(np.int32)
