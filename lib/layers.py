@@ -308,12 +308,16 @@ class ModalityBatchNorm(keras.layers.Layer):
     def build(self, input_shape):
         rows = 1 if self.shared else len(self.modalities)
         shape = (rows, int(input_shape[-1]))
-        add = lambda name, init, trainable: self.add_weight(
-            shape=shape, initializer=init, name=name, trainable=trainable, autocast=False)
+        add = lambda name, init, trainable, **kw: self.add_weight(
+            shape=shape, initializer=init, name=name, trainable=trainable, autocast=False,
+            **kw)
         self.gamma = add("gamma", "ones", True)
         self.beta = add("beta", "zeros", True)
-        self.moving_mean = add("moving_mean", "zeros", False)
-        self.moving_variance = add("moving_variance", "ones", False)
+        # Under tf.distribute each replica's update is averaged over the replicas, so every
+        # copy holds the same statistics (those of the global batch with synchronised BN,
+        # else the mean of the replicas' own).
+        self.moving_mean = add("moving_mean", "zeros", False, aggregation="mean")
+        self.moving_variance = add("moving_variance", "ones", False, aggregation="mean")
         self.built = True
 
     def rows(self, modalities) -> list[int]:

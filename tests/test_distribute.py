@@ -63,7 +63,7 @@ def _batch(net: str, seed: int = 0):
     return images, labels
 
 
-def _one_step(net: str, kind, reference=None) -> dict:
+def _one_step(net: str, kind, reference=None, sync_bn: bool = True) -> dict:
     """Loss terms of one training step under ``kind`` and the gradient it applied.
 
     The gradient is read back from the optimizer: after its first step from zero, Adam's
@@ -77,6 +77,7 @@ def _one_step(net: str, kind, reference=None) -> dict:
 
     from lib import losses
     from lib.distribute import distribute_dataset, make_strategy
+    from lib.layers import bn_layers
     from lib.runtime import get_logger, setup_runtime
     from lib.train import Trainer
 
@@ -85,7 +86,7 @@ def _one_step(net: str, kind, reference=None) -> dict:
     else:
         sys.path.insert(0, os.path.join(ROOT, "3d_implementation"))
         from model_3d import build_model
-    config = dict(_config(net), DISTRIBUTE=kind)
+    config = dict(_config(net), DISTRIBUTE=kind, SYNC_BN=sync_bn)
     strategy = make_strategy(config)
     setup_runtime(config)
     with strategy.scope():
@@ -107,6 +108,7 @@ def _one_step(net: str, kind, reference=None) -> dict:
               for v in [*model.variables, *trainer.optimizer.variables]]
     out["replica_spread"] = max(float(np.max(np.abs(c.numpy() - cs[0].numpy())))
                                 for cs in copies for c in cs)
+    out["first_moving_mean"] = bn_layers(model)[0].moving_mean.numpy()
     if kind is None:
         # What splitting the batch naively would give: the mean of the two halves' losses
         # (on the same logits, as synchronised BN gives), to show the comparison can fail.
@@ -152,6 +154,13 @@ def mirrored_child(net: str) -> dict:
         "grad_scale": max(float(np.max(np.abs(b))) for _, b in pairs),
         "replica_spread": mirrored["replica_spread"],
     }
+    if net == "3d":  # (cheap to build) per-replica BN statistics
+        own = _one_step(net, "mirrored", single, sync_bn=False)
+        report[net]["own_bn_spread"] = own["replica_spread"]
+        # The first BN sees the same convolution output on every path; the mean of the two
+        # replicas' batch means (equal halves) is the global batch mean.
+        report[net]["own_bn_first_mean_abs"] = float(np.max(np.abs(
+            own["first_moving_mean"] - single["first_moving_mean"])))
     return report
 
 
@@ -187,6 +196,11 @@ def test_mirrored_two_cpu_devices_equal_one_device():
         assert r["grads_abs"] < 1e-5 * max(1.0, r["grad_scale"]), (net, r)
         # ... and the replicas' copies of the variables stayed identical.
         assert r["replica_spread"] == 0.0, (net, r)
+    # Per-replica BN statistics (no SYNC_BN): the moving statistics are averaged over the
+    # replicas, so the copies still agree, and the first layer's moving mean is the
+    # single device's (0.1 x the global batch mean after one step).
+    assert report["3d"]["own_bn_spread"] == 0.0, report["3d"]
+    assert report["3d"]["own_bn_first_mean_abs"] < 1e-6, report["3d"]
 
 
 if __name__ == "__main__":
