@@ -31,17 +31,22 @@ class UNet3D(keras.Model):
     """Call as ``model(x, modalities=("mr", "ct"), training=...)`` (see lib/layers.py)."""
 
     def __init__(self, n_class: int = 5, feature_base: int = 16, scheme: str = "ummkd",
-                 modalities=MODALITIES, seed=None, sync_bn: bool = False, **kwargs):
+                 modalities=MODALITIES, seed=None, sync_bn: bool = False,
+                 depth_first: bool = True, **kwargs):
         super().__init__(**kwargs)
         self.n_class, self.feature_base, self.scheme = int(n_class), int(feature_base), scheme
         self.modalities, self.seed, self.sync_bn = tuple(modalities), seed, bool(sync_bn)
+        self.depth_first = bool(depth_first)
         sch = get_scheme(scheme)
         f = self.feature_base
+        # Depth-first inside ([B, D, H, W, C]), so that the kernel gradients can be taken one
+        # depth offset at a time on the depth-folded tensors without copies: oneDNN's 3D
+        # kernel-gradient op was the largest cost of the training step on the CPU
+        # (lib.layers.filter_gradient_slices, README). Same weights, same results.
+        fast = dict(depth_first=True, filter_grad="slices") if depth_first else {}
 
-        # Kernel gradients one depth offset at a time: oneDNN's 3D kernel-gradient op was
-        # the largest cost of the training step on the CPU (lib.layers, README).
         def unit(filters, kernel, stage, **kw):
-            return ConvUnit(filters, kernel, rank=3, preact=False, filter_grad="depth_slices",
+            return ConvUnit(filters, kernel, rank=3, preact=False, **fast,
                             conv_shared=sch.conv_shared(stage), bn_shared=sch.bn_shared(stage),
                             modalities=modalities, seed=seed, sync_bn=sync_bn, **kw)
 
@@ -62,10 +67,13 @@ class UNet3D(keras.Model):
         ]
         self.logits = ModalityConv(self.n_class, 1, rank=3, use_bias=True,
                                    shared=sch.conv_shared("last"), modalities=modalities,
-                                   seed=seed, name="logits")
+                                   seed=seed, name="logits",
+                                   depth_first=self.depth_first)
 
     def call(self, x, modalities=MODALITIES, training=None):
         kw = dict(modalities=modalities, training=training)
+        if self.depth_first:
+            x = tf.transpose(x, [0, 3, 1, 2, 4])
         skips = []
         for level, units in enumerate(self.enc):
             for u in units:
@@ -77,7 +85,8 @@ class UNet3D(keras.Model):
             x = tf.concat([upconv(x, **kw), skip], axis=-1)
             for u in units:
                 x = u(x, **kw)
-        return self.logits(x, modalities=modalities)
+        logits = self.logits(x, modalities=modalities)
+        return tf.transpose(logits, [0, 2, 3, 1, 4]) if self.depth_first else logits
 
     def build_for(self, patch=(8, 8, 8)):
         m = len(self.modalities)
@@ -87,7 +96,7 @@ class UNet3D(keras.Model):
     def get_config(self):
         return dict(n_class=self.n_class, feature_base=self.feature_base, scheme=self.scheme,
                     modalities=list(self.modalities), seed=self.seed, sync_bn=self.sync_bn,
-                    name=self.name)
+                    depth_first=self.depth_first, name=self.name)
 
 
 def build_model(config: dict) -> UNet3D:

@@ -123,43 +123,57 @@ def _same_padding_strided(size: int, kernel: int, stride: int) -> list:
     return [total // 2, total - total // 2]
 
 
-def filter_gradient_depth_slices(x, dy, kernel_shape, strides=1, padding: str = "same"):
-    """Kernel gradient of a 3D convolution as one 2D kernel gradient per depth offset.
+def filter_gradient_slices(x, dy, kernel_shape, strides=1, padding: str = "same"):
+    """Kernel gradient of a 3D convolution as one 2D kernel gradient per offset along the
+    first spatial axis.
 
-    x [B, H, W, D, Cin], dy [B, H', W', D', Cout] -> [kh, kw, kd, Cin, Cout], for the
-    forward op conv3d(x, kernel, strides, padding) (no dilation). The depth axis is moved
-    next to the batch and folded into it; depth offset e of the kernel sees the depth
-    slices e, e + sd, ... of the padded input. On this CPU oneDNN's 3D kernel-gradient op
-    ran at 2-8x its forward time on the U-Net's layers; the 2D op on the folded tensors
-    took 1.2-4x less (README, Performance).
+    x [B, S1, S2, S3, Cin], dy [B, S1', S2', S3', Cout] -> [k1, k2, k3, Cin, Cout], for the
+    forward op conv3d(x, kernel, strides, padding) (no dilation). The first spatial axis is
+    folded into the batch. At stride 1, kernel offset e pairs input row r + e with output
+    row r of the folded tensors once dy gets k1 - 1 zero rows after each example, so each
+    offset takes slices along the leading axis (which TensorFlow does without a copy);
+    with a stride along S1, the input rows are gathered. The 3D network runs depth-first,
+    [B, D, H, W, C], so the folded axis is its short depth axis. On this CPU oneDNN's 3D
+    kernel-gradient op ran at 2-8x its forward time on the U-Net's layers; this took
+    1.2-4x less (README, Performance).
     """
-    kh, kw, kd, cin, cout = (int(v) for v in kernel_shape)
-    sh, sw, sd = _per_axis(strides, 3)
-    h, w, depth = (int(v) for v in x.shape[1:4])
-    ho, wo, do = (int(v) for v in dy.shape[1:4])
+    k1, k2, k3, cin, cout = (int(v) for v in kernel_shape)
+    s1, s2, s3 = _per_axis(strides, 3)
+    n1, n2, n3 = (int(v) for v in x.shape[1:4])
+    o1, o2, o3 = (int(v) for v in dy.shape[1:4])
     if padding == "same":
-        x = tf.pad(x, [[0, 0], [0, 0], [0, 0], _same_padding_strided(depth, kd, sd), [0, 0]])
-    xt = tf.transpose(x, [0, 3, 1, 2, 4])  # [B, D_padded, H, W, Cin]
-    dyt = tf.reshape(tf.transpose(dy, [0, 3, 1, 2, 4]), [-1, ho, wo, cout])
-    per_offset = []
-    for e in range(kd):
-        # A gather copies whole [H, W, C] blocks; a strided slice of bf16 was 15x slower.
-        xe = tf.reshape(tf.gather(xt, tf.range(e, e + (do - 1) * sd + 1, sd), axis=1),
-                        [-1, h, w, cin])
-        per_offset.append(tf.raw_ops.Conv2DBackpropFilter(
-            input=xe, filter_sizes=[kh, kw, cin, cout], out_backprop=dyt,
-            strides=[1, sh, sw, 1], padding=padding.upper()))
-    return tf.stack(per_offset, axis=2)
+        x = tf.pad(x, [[0, 0], _same_padding_strided(n1, k1, s1), [0, 0], [0, 0], [0, 0]])
+
+    def bpf(xe, dye):
+        return tf.raw_ops.Conv2DBackpropFilter(
+            input=xe, filter_sizes=[k2, k3, cin, cout], out_backprop=dye,
+            strides=[1, s2, s3, 1], padding=padding.upper())
+
+    if s1 == 1:  # padded length = o1 + k1 - 1
+        xf = tf.reshape(x, [-1, n2, n3, cin])
+        dyf = tf.reshape(tf.pad(dy, [[0, 0], [0, k1 - 1], [0, 0], [0, 0], [0, 0]]),
+                         [-1, o2, o3, cout])
+        rows = tf.shape(xf)[0] - (k1 - 1)
+        dyf = tf.slice(dyf, [0, 0, 0, 0], [rows, -1, -1, -1])
+        per_offset = [bpf(tf.slice(xf, [e, 0, 0, 0], [rows, -1, -1, -1]), dyf)
+                      for e in range(k1)]
+    else:
+        dyf = tf.reshape(dy, [-1, o2, o3, cout])
+        # A gather copies whole rows; a strided slice of bf16 was 15x slower.
+        per_offset = [bpf(tf.reshape(tf.gather(x, tf.range(e, e + (o1 - 1) * s1 + 1, s1),
+                                               axis=1), [-1, n2, n3, cin]), dyf)
+                      for e in range(k1)]
+    return tf.stack(per_offset, axis=0)
 
 
-FILTER_GRADS = ("native", "matmul", "depth_slices")
+FILTER_GRADS = ("native", "matmul", "slices")
 
 
 def _check_filter_grad(filter_grad: str, rank: int, dilation=(1,)) -> None:
     if filter_grad not in FILTER_GRADS:
         raise ValueError(f"filter_grad: expected one of {FILTER_GRADS}, got {filter_grad!r}")
-    if filter_grad == "depth_slices" and (rank != 3 or set(dilation) != {1}):
-        raise ValueError("filter_grad='depth_slices' is for undilated 3D convolutions")
+    if filter_grad == "slices" and (rank != 3 or set(dilation) != {1}):
+        raise ValueError("filter_grad='slices' is for undilated 3D convolutions")
 
 
 def convolution(x, kernel, dilation_rate=1, padding: str = "same",
@@ -170,7 +184,7 @@ def convolution(x, kernel, dilation_rate=1, padding: str = "same",
     layers use) wraps a dilated convolution in space-to-batch reshuffles, which made the
     dilated 2D layers 2.5x slower per training step on this CPU. ``filter_grad`` chooses
     how the kernel gradient is computed: "native" (the op's own gradient), "matmul"
-    (filter_gradient_matmul) or "depth_slices" (3D only: filter_gradient_depth_slices).
+    (filter_gradient_matmul) or "slices" (3D only: filter_gradient_slices).
     """
     rank = x.shape.rank - 2
     dilation = _per_axis(dilation_rate, rank)
@@ -195,7 +209,7 @@ def convolution(x, kernel, dilation_rate=1, padding: str = "same",
             if filter_grad == "matmul":
                 dw = filter_gradient_matmul(x, dy, kernel.shape, dilation, padding.lower())
             else:
-                dw = filter_gradient_depth_slices(x, dy, kernel.shape, 1, padding.lower())
+                dw = filter_gradient_slices(x, dy, kernel.shape, 1, padding.lower())
             return dx, dw
         return op(x, kernel), grad
 
@@ -206,9 +220,9 @@ def transposed_convolution(x, kernel, strides, filter_grad: str = "native"):
     """Transposed 2D or 3D convolution with "same" padding, as Keras' ConvNDTranspose.
 
     x [B, *S, Cin], kernel [*K, Cout, Cin] (Keras' layout) -> [B, *(S * strides), Cout].
-    ``filter_grad="depth_slices"`` (3D) computes the kernel gradient, which is the kernel
+    ``filter_grad="slices"`` (3D) computes the kernel gradient, which is the kernel
     gradient of the strided convolution that maps the output back to x, with
-    filter_gradient_depth_slices; oneDNN's own op took 8x the forward time for the U-Net's
+    filter_gradient_slices; oneDNN's own op took 8x the forward time for the U-Net's
     last upsampling layer on this CPU.
     """
     rank = x.shape.rank - 2
@@ -228,7 +242,7 @@ def transposed_convolution(x, kernel, strides, filter_grad: str = "native"):
     def conv_t(x, kernel):
         def grad(dy):
             dx = forward(dy, kernel, full, "SAME")
-            dw = filter_gradient_depth_slices(dy, x, kernel.shape, stride, "same")
+            dw = filter_gradient_slices(dy, x, kernel.shape, stride, "same")
             return dx, dw
         return op(x, kernel), grad
 
@@ -348,9 +362,10 @@ class ModalityBatchNorm(keras.layers.Layer):
                 x=part, scale=gamma[k], offset=beta[k], mean=moving_mean[k],
                 variance=moving_var[k], epsilon=self.epsilon, is_training=False,
                 data_format="NHWC")[0] for k, part in enumerate(parts)]
-        y = tf.concat(outs, axis=0) if len(outs) > 1 else outs[0]
         if self.activation_slope is not None:
-            y = tf.nn.leaky_relu(y, self.activation_slope)
+            # Right after each fused op, where oneDNN can fuse it into the normalisation.
+            outs = [tf.nn.leaky_relu(y, self.activation_slope) for y in outs]
+        y = tf.concat(outs, axis=0) if len(outs) > 1 else outs[0]
         return tf.reshape(y, tf.shape(x))
 
     def _synchronized_call(self, x, rows):
@@ -411,13 +426,14 @@ class ModalityConv(PerModality):
     The Keras layers of the branches own the variables; stride-1 convolutions are computed
     by ``convolution`` (direct dilated op), transposed ones with "same" padding by
     ``transposed_convolution``; ``filter_grad`` (see ``convolution``) chooses how their
-    kernel gradients are computed.
+    kernel gradients are computed. ``depth_first`` (3D): the input is [B, D, H, W, C]
+    while kernel_size, strides and the kernel variable keep Keras' (H, W, D) order.
     """
 
     def __init__(self, filters: int, kernel_size=3, rank: int = 2, dilation_rate=1,
                  padding: str = "same", use_bias: bool = False, transpose: bool = False,
                  strides=1, shared: bool = True, modalities=MODALITIES, seed=None,
-                 filter_grad: str = "native", **kwargs):
+                 filter_grad: str = "native", depth_first: bool = False, **kwargs):
         super().__init__(shared=shared, modalities=modalities, **kwargs)
         self.filters = int(filters)
         self.kernel_size = kernel_size
@@ -432,6 +448,10 @@ class ModalityConv(PerModality):
             raise ValueError("filter_grad='matmul' is for stride-1, not transposed, convolutions")
         _check_filter_grad(filter_grad, self.rank, _per_axis(dilation_rate, self.rank))
         self.filter_grad = filter_grad
+        self.depth_first = bool(depth_first)
+        if self.depth_first and (self.rank != 3 or (
+                padding != "same" if transpose else set(_per_axis(strides, 3)) != {1})):
+            raise ValueError("depth_first: for 3D stride-1 or 'same' transposed convolutions")
         self._make_branches()
 
     def make_branch(self, name):
@@ -447,14 +467,17 @@ class ModalityConv(PerModality):
     def _apply(self, layer, x, training):
         dtype = layer.compute_dtype
         cast = lambda v: tf.cast(v, dtype)
+        kernel, strides = cast(layer.kernel), _per_axis(self.strides, self.rank)
+        dilation = _per_axis(self.dilation_rate, self.rank)
+        if self.depth_first:  # the variable stays [kh, kw, kd, ...] as in Keras
+            kernel = tf.transpose(kernel, [2, 0, 1, 3, 4])
+            strides, dilation = [(v[2], v[0], v[1]) for v in (strides, dilation)]
         if self.transpose and self.padding == "same":
-            y = transposed_convolution(cast(x), cast(layer.kernel), self.strides,
-                                       self.filter_grad)
-        elif self.transpose or _per_axis(self.strides, self.rank) != (1,) * self.rank:
+            y = transposed_convolution(cast(x), kernel, strides, self.filter_grad)
+        elif self.transpose or strides != (1,) * self.rank:
             return layer(x)
         else:
-            y = convolution(cast(x), cast(layer.kernel), self.dilation_rate, self.padding,
-                            self.filter_grad)
+            y = convolution(cast(x), kernel, dilation, self.padding, self.filter_grad)
         return tf.nn.bias_add(y, cast(layer.bias)) if self.use_bias else y
 
     def kernels(self):
@@ -466,7 +489,8 @@ class ModalityConv(PerModality):
         config.update(filters=self.filters, kernel_size=self.kernel_size, rank=self.rank,
                       dilation_rate=self.dilation_rate, padding=self.padding,
                       use_bias=self.use_bias, transpose=self.transpose, strides=self.strides,
-                      seed=self.seed, filter_grad=self.filter_grad)
+                      seed=self.seed, filter_grad=self.filter_grad,
+                      depth_first=self.depth_first)
         return config
 
 
@@ -490,14 +514,15 @@ class ConvUnit(keras.layers.Layer):
     SeedGenerator, whose state is a model variable, so a resumed run continues its stream).
     ``preact=False`` is the unit of the 3D U-Net: conv -> BN -> LeakyReLU. Convolutions
     have no bias (BN follows or precedes). ``sync_bn``: synchronised BN statistics across
-    tf.distribute replicas (see ModalityBatchNorm). ``filter_grad``: see ModalityConv.
+    tf.distribute replicas (see ModalityBatchNorm). ``filter_grad``, ``depth_first``: see
+    ModalityConv.
     """
 
     def __init__(self, filters: int, kernel_size=3, rank: int = 2, dilation_rate=1,
                  preact: bool = True, dropout: float = 0.0, conv_shared: bool = True,
                  bn_shared: bool = False, transpose: bool = False, strides=1,
                  modalities=MODALITIES, seed=None, sync_bn: bool = False,
-                 filter_grad: str = "native", **kwargs):
+                 filter_grad: str = "native", depth_first: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.filters, self.kernel_size, self.rank = int(filters), kernel_size, int(rank)
         self.dilation_rate, self.preact, self.dropout = dilation_rate, bool(preact), float(dropout)
@@ -507,8 +532,8 @@ class ConvUnit(keras.layers.Layer):
         self.conv = ModalityConv(filters, kernel_size, rank=rank, dilation_rate=dilation_rate,
                                  transpose=transpose, strides=strides, shared=conv_shared,
                                  modalities=modalities, seed=seed, filter_grad=filter_grad,
-                                 name="conv")
-        self.filter_grad = filter_grad
+                                 depth_first=depth_first, name="conv")
+        self.filter_grad, self.depth_first = filter_grad, bool(depth_first)
         self.bn = ModalityBatchNorm(shared=bn_shared, modalities=modalities, activation_slope=0.2,
                                     synchronized=sync_bn, name="bn")
         self.seed_generator = keras.random.SeedGenerator(seed) if dropout > 0 else None
@@ -546,5 +571,6 @@ class ConvUnit(keras.layers.Layer):
                       dropout=self.dropout, conv_shared=self.conv_shared,
                       bn_shared=self.bn_shared, transpose=self.transpose,
                       strides=self.strides, modalities=list(self.modalities), seed=self.seed,
-                      sync_bn=self.sync_bn, filter_grad=self.filter_grad)
+                      sync_bn=self.sync_bn, filter_grad=self.filter_grad,
+                      depth_first=self.depth_first)
         return config

@@ -37,6 +37,32 @@ def test_output_shapes():
     assert model(x[:1], modalities=("ct",), training=True).shape == (1, 16, 24, 8, 3)
 
 
+def test_depth_first_network_equals_the_keras_layout():
+    """Depth-first inside with sliced kernel gradients: the same function of the same
+    weights as plain Keras layers on [B, H, W, D, C], in value and in every gradient."""
+    nets = [UNet3D(n_class=3, feature_base=2, seed=0, depth_first=d).build_for((16, 8, 8))
+            for d in (True, False)]
+    for a, b in zip(nets[1].variables, nets[0].variables):
+        assert a.shape == b.shape
+        a.assign(b)
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=[4, 16, 8, 8, 1]), tf.float32)  # H != D on purpose
+    up = tf.constant(rng.normal(size=[4, 16, 8, 8, 3]), tf.float32)
+
+    @tf.function
+    def run(net):
+        with tf.GradientTape() as tape:
+            y = net(x, modalities=("mr", "ct"), training=True)
+            loss = tf.reduce_sum(y * up)
+        return y, tape.gradient(loss, net.trainable_variables)
+
+    (y0, g0), (y1, g1) = run(nets[0]), run(nets[1])
+    np.testing.assert_allclose(y0, y1, rtol=1e-4, atol=1e-5)
+    for a, b in zip(g0, g1):
+        a, b = tf.convert_to_tensor(a).numpy(), tf.convert_to_tensor(b).numpy()
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * max(1.0, np.abs(b).max()))
+
+
 def test_modalities_differ_only_in_batch_norm():
     joint = UNet3D(n_class=3, feature_base=2, scheme="joint").build_for((8, 8, 8))
     sep = UNet3D(n_class=3, feature_base=2, scheme="separate_bn").build_for((8, 8, 8))

@@ -31,10 +31,10 @@ def _grads_eager(fn, x, w):
     (2, (3, 3), 1, "same"), (2, (3, 3), 2, "same"), (2, (3, 3), 1, "valid"),
     (2, (5, 5), 1, "valid"), (2, (2, 2), 1, "same"), (3, (3, 3, 1), 1, "same"),
     (3, (3, 3, 3), 1, "valid"), (3, (2, 3, 3), 1, "same")])
-@pytest.mark.parametrize("filter_grad", ["native", "matmul", "depth_slices"])
+@pytest.mark.parametrize("filter_grad", ["native", "matmul", "slices"])
 def test_convolution_equals_keras_path(rank, kernel, dilation, padding, filter_grad):
     """Value and both gradients equal tf.nn.convolution (space-to-batch when dilated)."""
-    if filter_grad == "depth_slices" and rank == 2:
+    if filter_grad == "slices" and rank == 2:
         with pytest.raises(ValueError, match="3D"):
             convolution(tf.zeros([1, 4, 4, 1]), tf.zeros([3, 3, 1, 1]), 1, "same", filter_grad)
         return
@@ -52,7 +52,7 @@ def test_convolution_equals_keras_path(rank, kernel, dilation, padding, filter_g
 @pytest.mark.parametrize("kernel,strides,spatial", [
     ((3, 3, 3), 2, (4, 3, 4)), ((3, 3, 1), 2, (4, 4, 2)), ((2, 2, 2), 2, (3, 3, 3)),
     ((3, 3, 3), (2, 1, 2), (3, 3, 3))])
-@pytest.mark.parametrize("filter_grad", ["native", "depth_slices"])
+@pytest.mark.parametrize("filter_grad", ["native", "slices"])
 def test_transposed_convolution_equals_keras(kernel, strides, spatial, filter_grad):
     """Value, input and kernel gradients equal Keras' Conv3DTranspose ("same" padding)."""
     x = tf.constant(RNG.normal(size=[2, *spatial, 3]), tf.float32)
@@ -72,7 +72,7 @@ def test_filter_grad_choices_checked():
     with pytest.raises(ValueError, match="transposed"):
         ModalityConv(4, 3, rank=3, transpose=True, strides=2, filter_grad="matmul")
     with pytest.raises(ValueError, match="undilated 3D"):
-        ModalityConv(4, 3, rank=3, dilation_rate=2, filter_grad="depth_slices")
+        ModalityConv(4, 3, rank=3, dilation_rate=2, filter_grad="slices")
 
 
 def test_filter_gradient_matmul_by_hand():
