@@ -225,19 +225,19 @@ def read_records(path) -> tf.Tensor:
         return tf.debugging.Assert(ok, ["BADRECORD", path, "truncated or corrupt: a record "
                                         "runs past the end of the file"])
 
-    def body(i, offset, records):
+    def body(offset, records):
         with tf.control_dependencies([check(offset + 16 <= size)]):
             header = tf.strings.substr(content, tf.cast(offset, tf.int32), 8)
         length = tf.io.decode_raw(header, tf.int64)[0]
         with tf.control_dependencies([check((length >= 0) & (offset + 16 + length <= size))]):
             record = tf.strings.substr(content, tf.cast(offset + 12, tf.int32),
                                        tf.cast(length, tf.int32))
-        return i + 1, offset + 16 + length, records.write(i, record)
+        return offset + 16 + length, records.write(records.size(), record)
 
     def every_record():
-        _, _, records = tf.while_loop(
-            lambda i, offset, records: offset < size, body,
-            (tf.constant(0), tf.constant(0, tf.int64),
+        _, records = tf.while_loop(
+            lambda offset, records: offset < size, body,
+            (tf.constant(0, tf.int64),
              tf.TensorArray(tf.string, size=0, dynamic_size=True, element_shape=[])))
         return records.stack()
 

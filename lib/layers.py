@@ -87,10 +87,11 @@ def _per_axis(value, rank: int) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * rank
 
 
-def _same_padding(kernel_size: tuple, dilation: tuple) -> list:
-    """[[before, after]] per spatial axis of TensorFlow's "same" padding at stride 1."""
-    total = [d * (k - 1) for k, d in zip(kernel_size, dilation)]
-    return [[t // 2, t - t // 2] for t in total]
+def _same_padding(size: int, kernel: int, stride: int = 1, dilation: int = 1) -> list:
+    """[before, after] of TensorFlow's "same" padding along one axis."""
+    span = dilation * (kernel - 1) + 1
+    total = max((-(-size // stride) - 1) * stride + span - size, 0)
+    return [total // 2, total - total // 2]
 
 
 def filter_gradient_matmul(x, dy, kernel_shape, dilation, padding: str):
@@ -106,7 +107,8 @@ def filter_gradient_matmul(x, dy, kernel_shape, dilation, padding: str):
     kernel_size, (cin, cout) = tuple(kernel_shape[:-2]), kernel_shape[-2:]
     rank = len(kernel_size)
     if padding == "same":
-        x = tf.pad(x, [[0, 0]] + _same_padding(kernel_size, dilation) + [[0, 0]])
+        x = tf.pad(x, [[0, 0]] + [_same_padding(n, k, 1, d) for n, k, d in zip(
+            x.shape[1:-1], kernel_size, dilation)] + [[0, 0]])
     out_size = list(dy.shape[1:-1])
     windows = [tf.slice(x, [0] + [o * d for o, d in zip(offset, dilation)] + [0],
                         [-1] + out_size + [-1])
@@ -114,13 +116,6 @@ def filter_gradient_matmul(x, dy, kernel_shape, dilation, padding: str):
     patches = tf.reshape(tf.concat(windows, axis=-1), [-1, len(windows) * cin])
     dw = tf.matmul(patches, tf.reshape(dy, [-1, cout]), transpose_a=True)
     return tf.reshape(dw, list(kernel_size) + [cin, cout])
-
-
-def _same_padding_strided(size: int, kernel: int, stride: int) -> list:
-    """[before, after] of TensorFlow's "same" padding along one axis at any stride."""
-    out = -(-size // stride)
-    total = max((out - 1) * stride + kernel - size, 0)
-    return [total // 2, total - total // 2]
 
 
 def filter_gradient_slices(x, dy, kernel_shape, strides=1, padding: str = "same"):
@@ -142,7 +137,7 @@ def filter_gradient_slices(x, dy, kernel_shape, strides=1, padding: str = "same"
     n1, n2, n3 = (int(v) for v in x.shape[1:4])
     o1, o2, o3 = (int(v) for v in dy.shape[1:4])
     if padding == "same":
-        x = tf.pad(x, [[0, 0], _same_padding_strided(n1, k1, s1), [0, 0], [0, 0], [0, 0]])
+        x = tf.pad(x, [[0, 0], _same_padding(n1, k1, s1), [0, 0], [0, 0], [0, 0]])
 
     def bpf(xe, dye):
         return tf.raw_ops.Conv2DBackpropFilter(
@@ -169,11 +164,13 @@ def filter_gradient_slices(x, dy, kernel_shape, strides=1, padding: str = "same"
 FILTER_GRADS = ("native", "matmul", "slices")
 
 
-def _check_filter_grad(filter_grad: str, rank: int, dilation=(1,)) -> None:
+def _check_filter_grad(filter_grad: str, rank: int, dilation=(1,), transposed=False) -> None:
     if filter_grad not in FILTER_GRADS:
         raise ValueError(f"filter_grad: expected one of {FILTER_GRADS}, got {filter_grad!r}")
     if filter_grad == "slices" and (rank != 3 or set(dilation) != {1}):
         raise ValueError("filter_grad='slices' is for undilated 3D convolutions")
+    if filter_grad == "matmul" and transposed:
+        raise ValueError("filter_grad='matmul' is for stride-1, not transposed, convolutions")
 
 
 def convolution(x, kernel, dilation_rate=1, padding: str = "same",
@@ -227,21 +224,18 @@ def transposed_convolution(x, kernel, strides, filter_grad: str = "native"):
     """
     rank = x.shape.rank - 2
     stride = _per_axis(strides, rank)
-    _check_filter_grad(filter_grad, rank)
-    if filter_grad == "matmul":
-        raise ValueError("filter_grad='matmul' is for stride-1, not transposed, convolutions")
+    _check_filter_grad(filter_grad, rank, transposed=True)
     out_shape = tf.concat([tf.shape(x)[:1], [int(n) * s for n, s in zip(x.shape[1:-1], stride)],
                            [kernel.shape[-2]]], axis=0)
     full = [1, *stride, 1]
     op = lambda x, kernel: tf.nn.conv_transpose(x, kernel, out_shape, full, "SAME")
     if filter_grad == "native":
         return op(x, kernel)
-    forward = tf.nn.conv2d if rank == 2 else tf.nn.conv3d
 
     @tf.custom_gradient
-    def conv_t(x, kernel):
+    def conv_t(x, kernel):  # 3D: "slices" is checked to be 3D only
         def grad(dy):
-            dx = forward(dy, kernel, full, "SAME")
+            dx = tf.nn.conv3d(dy, kernel, full, "SAME")
             dw = filter_gradient_slices(dy, x, kernel.shape, stride, "same")
             return dx, dw
         return op(x, kernel), grad
@@ -444,9 +438,8 @@ class ModalityConv(PerModality):
         self.transpose = bool(transpose)
         self.strides = strides
         self.seed = seed
-        if transpose and filter_grad == "matmul":
-            raise ValueError("filter_grad='matmul' is for stride-1, not transposed, convolutions")
-        _check_filter_grad(filter_grad, self.rank, _per_axis(dilation_rate, self.rank))
+        _check_filter_grad(filter_grad, self.rank, _per_axis(dilation_rate, self.rank),
+                           transposed=transpose)
         self.filter_grad = filter_grad
         self.depth_first = bool(depth_first)
         if self.depth_first and (self.rank != 3 or (
