@@ -11,12 +11,15 @@ import os
 import sys
 from typing import Callable
 
+from lib import interrupt
 from lib.config import ConfigError, resolve
 from lib.distribute import check_settings
 
 
 def main(namespace: dict, network_factory: Callable, argv=None, presets=None, types=None,
          root: str | None = None) -> int:
+    if argv is None:  # a real command line, not a call from another program
+        interrupt.install()  # before TensorFlow starts its threads
     try:
         config = resolve(namespace, argv, presets, types)
         check_settings(config)

@@ -31,7 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from lib import losses
+from lib import interrupt, losses
 from lib.config import ConfigError, load_config, save_config
 from lib.distribute import first_replica, is_chief, local_results, worker
 from lib.layers import MODALITIES, conv_kernels
@@ -255,7 +255,7 @@ class Trainer:
         t0, last = time.time(), None
         try:
             with (open(log_path, "a", encoding="utf-8") if self.chief
-                  else contextlib.nullcontext(_NoLog())) as log_file:
+                  else contextlib.nullcontext(_NoLog())) as log_file, interrupt.deferred():
                 while self.step < num_steps:
                     try:
                         if first_batch is not None:
@@ -296,6 +296,7 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{total:.3f}")
                     last = total
+                    interrupt.check()  # Ctrl-C acts here, between steps
             path = self.save()
         except KeyboardInterrupt:
             bar.close()

@@ -190,3 +190,40 @@ def test_sigint_writes_a_checkpoint_and_exits(data, tmp_path):
     step = int(tf.train.latest_checkpoint(os.path.join(out, "checkpoints")).split("-")[-1])
     assert step >= 5  # the checkpoint written on the interrupt (or a later regular one)
     assert f"interrupted at step {step}" in open(os.path.join(out, "train.log"), encoding="utf-8").read()
+
+
+def test_ctrl_c_waits_for_the_step_inside_the_training_loop():
+    """lib.interrupt in a bare process: inside deferred() a first SIGINT only sets the flag
+    (check() raises), a second one interrupts at once; outside it SIGINT interrupts."""
+    script = r"""
+import os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+from lib import interrupt
+assert interrupt.install()
+seen = []
+with interrupt.deferred():
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.5)  # a step: not interrupted
+    seen.append("step finished")
+    try:
+        interrupt.check()
+    except KeyboardInterrupt:
+        seen.append("check raised")
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C
+        time.sleep(2)
+    except KeyboardInterrupt:
+        seen.append("second interrupted")
+interrupt.check()  # the flag does not outlive the loop
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(2)
+except KeyboardInterrupt:
+    seen.append("outside interrupted")
+print(",".join(seen))
+"""
+    out = subprocess.run([sys.executable, "-c", script, ROOT], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ("step finished,check raised,second interrupted,"
+                                  "outside interrupted")
