@@ -17,8 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,7 +104,8 @@ def run(args) -> dict:
     model, shape = build(args, config)
     from lib.train import Trainer
 
-    trainer = Trainer(config, model, os.path.join("/tmp", "ummkd_bench"), logger=_Quiet())
+    workdir = tempfile.mkdtemp(prefix="ummkd_bench_")  # nothing is saved; removed at the end
+    trainer = Trainer(config, model, workdir, logger=_Quiet())
     rng = np.random.default_rng(0)
     b = args.batch_size
     images = {m: tf.constant(rng.normal(size=[b] + shape), tf.float32) for m in MODALITIES}
@@ -117,6 +120,8 @@ def run(args) -> dict:
         t = time.perf_counter()
         float(trainer.train_step(images, labels)["total"])
         times.append(time.perf_counter() - t)
+    trainer.close()
+    shutil.rmtree(workdir, ignore_errors=True)
     median = statistics.median(times)
     achieved = flops / median / 1e12
     out = {"model": args.model, "batch_size": b, "feature_base": args.feature_base,
