@@ -6,7 +6,8 @@ import pytest
 import tensorflow as tf
 
 from lib.layers import (ModalityBatchNorm, ModalityConv, byte_dropout, convolution,
-                        filter_gradient_matmul, transposed_convolution)
+                        filter_gradient_matmul, filter_gradient_slices,
+                        transposed_convolution)
 from lib.optim import FusedAdam
 
 RNG = np.random.default_rng(0)
@@ -64,6 +65,19 @@ def test_transposed_convolution_equals_keras(kernel, strides, spatial, filter_gr
     np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
     for got, want in zip(g, ref_g):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_filter_gradient_slices_unknown_batch_equals_known(padding):
+    """Traced without a batch size, the padded-copy path gives the per-example result."""
+    x = tf.constant(RNG.normal(size=[3, 5, 4, 4, 2]), tf.float32)
+    out = [5, 4, 4] if padding == "same" else [3, 2, 2]
+    dy = tf.constant(RNG.normal(size=[3, *out, 3]), tf.float32)
+    known = filter_gradient_slices(x, dy, [3, 3, 3, 2, 3], 1, padding)
+    unknown = tf.function(
+        lambda a, b: filter_gradient_slices(a, b, [3, 3, 3, 2, 3], 1, padding),
+        input_signature=[tf.TensorSpec([None, 5, 4, 4, 2]), tf.TensorSpec([None, *out, 3])])
+    np.testing.assert_allclose(unknown(x, dy), known, rtol=1e-5, atol=1e-5)
 
 
 def test_filter_grad_choices_checked():
