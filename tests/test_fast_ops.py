@@ -69,7 +69,7 @@ def test_transposed_convolution_equals_keras(kernel, strides, spatial, filter_gr
 
 @pytest.mark.parametrize("padding", ["same", "valid"])
 def test_filter_gradient_slices_unknown_batch_equals_known(padding):
-    """Traced without a batch size, the padded-copy path gives the per-example result."""
+    """Traced without a batch size, the gathered rows give the per-example result."""
     x = tf.constant(RNG.normal(size=[3, 5, 4, 4, 2]), tf.float32)
     out = [5, 4, 4] if padding == "same" else [3, 2, 2]
     dy = tf.constant(RNG.normal(size=[3, *out, 3]), tf.float32)
@@ -78,6 +78,18 @@ def test_filter_gradient_slices_unknown_batch_equals_known(padding):
         lambda a, b: filter_gradient_slices(a, b, [3, 3, 3, 2, 3], 1, padding),
         input_signature=[tf.TensorSpec([None, 5, 4, 4, 2]), tf.TensorSpec([None, *out, 3])])
     np.testing.assert_allclose(unknown(x, dy), known, rtol=1e-5, atol=1e-5)
+
+
+def test_filter_gradient_slices_depth_shorter_than_the_kernel():
+    """Depth 1, kernel depth 3, 'same': only the middle offset sees data, the others are
+    zero; equal to TensorFlow's own 3D kernel gradient."""
+    x = tf.constant(RNG.normal(size=[2, 1, 4, 4, 2]), tf.float32)
+    dy = tf.constant(RNG.normal(size=[2, 1, 4, 4, 3]), tf.float32)
+    got = filter_gradient_slices(x, dy, [3, 3, 3, 2, 3], 1, "same")
+    want = tf.raw_ops.Conv3DBackpropFilterV2(input=x, filter_sizes=[3, 3, 3, 2, 3],
+                                             out_backprop=dy, strides=[1] * 5, padding="SAME")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert not np.any(got.numpy()[[0, 2]]) and np.any(got.numpy()[1])
 
 
 def test_filter_grad_choices_checked():
