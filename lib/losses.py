@@ -23,6 +23,7 @@ from lib.distribute import global_sum, replicated
 DICE_EPS = 1e-7
 CE_CLIP = 0.005
 KD_COUNT_EPS = 1e-6
+KD_CLASSES = ("all", "present")  # which classes the KD term averages over (kd_loss)
 
 
 def _spatial_axes(x):
@@ -67,8 +68,11 @@ def weighted_cross_entropy(probs, onehot):
     return total[0] / total[1]
 
 
-def class_mean_logits(logits, onehot):
-    """[C, C]: row c is the mean logit vector over the pixels whose ground truth is c."""
+def class_mean_logits(logits, onehot, return_counts: bool = False):
+    """[C, C]: row c is the mean logit vector over the pixels whose ground truth is c.
+
+    With ``return_counts`` also the [C] pixel counts (global over replicas) of each class.
+    """
     axes = _spatial_axes(logits)
     flat_logits = tf.reshape(logits, [-1, logits.shape[-1]])
     flat_onehot = tf.reshape(onehot, [-1, onehot.shape[-1]])
@@ -76,23 +80,36 @@ def class_mean_logits(logits, onehot):
     counts = tf.reduce_sum(onehot, axes)[:, None]
     # One collective for both: [C, C + 1], the last column the counts.
     both = global_sum(tf.concat([sums, counts], axis=1))
-    return both[:, :-1] / (both[:, -1:] + KD_COUNT_EPS)
+    means = both[:, :-1] / (both[:, -1:] + KD_COUNT_EPS)
+    return (means, both[:, -1]) if return_counts else means
 
 
-def kd_loss(logits_a, onehot_a, logits_b, onehot_b, temperature: float = 2.0):
+def kd_loss(logits_a, onehot_a, logits_b, onehot_b, temperature: float = 2.0,
+            classes: str = "all"):
     """Symmetric KL between the class-wise soft predictions of two modalities.
 
     For each class c: q_c(m) = softmax(z_c(m) / T), z_c(m) the mean logits of modality m over
-    its pixels of class c; loss_c = (KL(q_c(a)||q_c(b)) + KL(q_c(b)||q_c(a))) / 2;
-    returns the mean over c. Gradients flow into both modalities.
+    its pixels of class c; loss_c = (KL(q_c(a)||q_c(b)) + KL(q_c(b)||q_c(a))) / 2.
+    ``classes="all"`` (the paper): the mean of loss_c over every class. A class absent from
+    one modality's batch then has z_c = 0 there, a uniform distribution, so the term pulls
+    the other modality's prediction for that class towards uniform. ``classes="present"``:
+    the mean over the classes present in both batches (0 if there is none). Gradients flow
+    into both modalities.
     """
-    log_qa = tf.nn.log_softmax(class_mean_logits(logits_a, onehot_a) / temperature, axis=-1)
-    log_qb = tf.nn.log_softmax(class_mean_logits(logits_b, onehot_b) / temperature, axis=-1)
+    if classes not in KD_CLASSES:
+        raise ValueError(f"KD_CLASSES: expected one of {', '.join(KD_CLASSES)}, got {classes!r}")
+    mean_a, count_a = class_mean_logits(logits_a, onehot_a, return_counts=True)
+    mean_b, count_b = class_mean_logits(logits_b, onehot_b, return_counts=True)
+    log_qa = tf.nn.log_softmax(mean_a / temperature, axis=-1)
+    log_qb = tf.nn.log_softmax(mean_b / temperature, axis=-1)
     qa, qb = tf.exp(log_qa), tf.exp(log_qb)
     kl_ab = tf.reduce_sum(qa * (log_qa - log_qb), axis=-1)
     kl_ba = tf.reduce_sum(qb * (log_qb - log_qa), axis=-1)
-    return tf.reduce_mean((kl_ab + kl_ba) / 2.0)
-
+    per_class = (kl_ab + kl_ba) / 2.0
+    if classes == "all":
+        return tf.reduce_mean(per_class)
+    present = tf.cast((count_a > 0) & (count_b > 0), per_class.dtype)
+    return tf.reduce_sum(per_class * present) / tf.maximum(tf.reduce_sum(present), 1.0)
 
 def l2_penalty(kernels):
     """sum over kernels of sum(w^2)/2 (convolution kernels only, never BN parameters).
@@ -116,12 +133,13 @@ def segmentation_terms(logits, labels, n_class: int):
 
 def total_loss(logits_by_modality: dict, labels_by_modality: dict, kernels, *, n_class: int,
                miu_dice: float = 1.0, miu_ce: float = 1.0, miu_kd: float = 0.5,
-               miu_l2: float = 1e-4, temperature: float = 2.0):
+               miu_l2: float = 1e-4, temperature: float = 2.0, kd_classes: str = "all"):
     """The UMMKD objective and its terms.
 
     Total = miu_dice * sum_m dice_m + miu_ce * sum_m ce_m + miu_kd * KD + miu_l2 * L2, with
-    KD between the first two modalities (mr, ct). Returns (total, terms) where terms maps
-    "<modality>_dice", "<modality>_ce", "<modality>_batch_dice" ([C]), "kd", "l2".
+    KD between the first two modalities (mr, ct), over ``kd_classes`` (see kd_loss). Returns
+    (total, terms) where terms maps "<modality>_dice", "<modality>_ce",
+    "<modality>_batch_dice" ([C]), "kd", "l2".
     """
     terms, per = {}, {}
     for m, logits in logits_by_modality.items():
@@ -133,7 +151,8 @@ def total_loss(logits_by_modality: dict, labels_by_modality: dict, kernels, *, n
     mods = list(per)
     if miu_kd > 0 and len(mods) >= 2:
         a, b = per[mods[0]], per[mods[1]]
-        terms["kd"] = kd_loss(a["logits"], a["onehot"], b["logits"], b["onehot"], temperature)
+        terms["kd"] = kd_loss(a["logits"], a["onehot"], b["logits"], b["onehot"], temperature,
+                             kd_classes)
         total += miu_kd * terms["kd"]
     else:
         terms["kd"] = tf.constant(0.0)

@@ -22,6 +22,7 @@ MIU_SEG_CE = 1.0             # weight of the weighted cross-entropy (each modali
 MIU_KD = 0.5                 # weight of the knowledge-distillation loss (used by SCHEME ummkd)
 MIU_SEG_L2_NORM = 1e-4       # weight of the L2 penalty on convolution kernels
 KD_TEMPERATURE = 2.0         # softmax temperature of the distillation loss
+KD_CLASSES = "all"           # KD over "all" classes (the paper) or those "present" in both batches
 LR_DECAY = 0.95              # learning-rate factor applied every LR_DECAY_STEPS (staircase)
 PRECISION = "auto"           # "fp32", "bf16", "fp16" or "auto" (bf16 where fast, else fp32)
 XLA = False                  # compile the training step with XLA (for GPUs; slower on CPUs)

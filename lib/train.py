@@ -42,6 +42,8 @@ from lib.schemes import get_scheme
 CONFIG_FILE = "config.json"
 LOG_FILE = "log.jsonl"
 # Settings that may change between a run and its resumption without changing the run.
+# Settings added after runs were saved: a saved config without one had this value.
+LATER_KEYS = {"KD_CLASSES": "all"}
 RESUMABLE_KEYS = {"PHASE", "NUM_STEPS", "TEST_MODEL", "TENSORBOARD_PORT", "DISPLAY_STEP",
                   "CHECKPOINT_SPACE", "SUMMARY_STEP", "KEEP_CHECKPOINTS", "PRESET",
                   "SOURCE_TEST_LIST", "TARGET_TEST_LIST", "TEST_BATCH", "TEST_STRIDE",
@@ -100,8 +102,9 @@ def config_differences(saved: dict, config: dict, keys=None) -> list[str]:
     for key in names:
         if keys is None and key in RESUMABLE_KEYS:
             continue
-        if saved.get(key) != config.get(key):
-            diffs.append(f"{key}={saved.get(key)!r} there, {config.get(key)!r} now")
+        before = saved.get(key, LATER_KEYS.get(key))
+        if before != config.get(key):
+            diffs.append(f"{key}={before!r} there, {config.get(key)!r} now")
     return diffs
 
 
@@ -140,7 +143,8 @@ class Trainer:
         self.loss_kwargs = dict(
             n_class=self.n_class, miu_dice=config["MIU_SEG_DICE"], miu_ce=config["MIU_SEG_CE"],
             miu_kd=kd_weight(config),
-            miu_l2=config["MIU_SEG_L2_NORM"], temperature=config["KD_TEMPERATURE"])
+            miu_l2=config["MIU_SEG_L2_NORM"], temperature=config["KD_TEMPERATURE"],
+            kd_classes=config.get("KD_CLASSES", "all"))
         self.traces = 0
         self.train_step = tf.function(self._train_step, reduce_retracing=True,
                                       jit_compile=bool(config.get("XLA")) or None)

@@ -63,6 +63,35 @@ def test_kd_by_hand():
     assert got == pytest.approx(expected, rel=1e-5)
 
 
+
+def test_kd_classes_present_skips_a_class_missing_from_one_batch():
+    # Three classes, two pixels per image. MR has classes 0 and 1, CT classes 0 and 2.
+    # MR logits: class-0 pixel [2, 0, 0], class-1 pixel [0, 2, 0]; CT logits all 0.
+    mr_labels, ct_labels = np.array([[[0, 1]]]), np.array([[[0, 2]]])
+    mr = tf.constant([[[[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]]]])
+    ct = tf.zeros([1, 1, 2, 3])
+    z = 2.0 / (1 + 1e-6) / 2.0  # MR's class-0 and class-1 mean logit (one pixel), over T
+
+    def sym_kl(p):  # against CT's uniform distribution (its logits are 0)
+        u = np.full(3, 1 / 3)
+        return (np.sum(p * np.log(p / u)) + np.sum(u * np.log(u / p))) / 2
+
+    peaked = np.exp([z, 0, 0]) / np.exp([z, 0, 0]).sum()
+    # Class 0 in both; class 1 only in MR (CT's mean is 0: uniform); class 2 only in CT
+    # (MR's mean is 0: uniform, like CT's logits, so 0). "all" averages the three.
+    expected_all = (sym_kl(peaked) + sym_kl(peaked[[1, 0, 2]]) + 0.0) / 3
+    expected_present = sym_kl(peaked)  # class 0 only
+    args = (mr, onehot(mr_labels, 3), ct, onehot(ct_labels, 3), 2.0)
+    assert float(losses.kd_loss(*args)) == pytest.approx(expected_all, rel=1e-5)
+    assert float(losses.kd_loss(*args, classes="present")) == pytest.approx(
+        expected_present, rel=1e-5)
+    # No class in both batches: no term at all.
+    none = losses.kd_loss(mr, onehot(mr_labels, 3), ct, onehot(np.array([[[2, 2]]]), 3), 2.0,
+                          classes="present")
+    assert float(none) == 0.0
+    with pytest.raises(ValueError, match="KD_CLASSES"):
+        losses.kd_loss(*args, classes="some")
+
 def numpy_kd(la, ya, lb, yb, c, t):
     def soft(logits, labels):
         out = []
