@@ -43,6 +43,8 @@ def _config(net: str) -> dict:
     config.update(N_CLASS=3, CLASS_NAMES=["a", "b"], SCHEME="ummkd", MIU_KD=0.5,
                   SYNC_BN=True, PRECISION="fp32", BATCH_SIZE=BATCH, LEARNING_RATE=1e-3,
                   LR_DECAY_STEPS=100, CPU_DEVICES=2, **NETWORKS[net])
+    if net == "3d":  # the KD over the classes present in both batches (global counts)
+        config["KD_CLASSES"] = "present"
     return config
 
 
@@ -51,12 +53,15 @@ def _batch(net: str, seed: int = 0):
 
     The class frequencies differ between the first and the second half of the batch (the
     two replicas' shares), so per-replica statistics would give clearly different losses.
+    In 3D the first CT replica has no class 2: with KD_CLASSES="present" a replica that
+    decided from its own counts would drop class 2 from its KD term.
     """
     rng = np.random.default_rng(seed)
     shape = [BATCH, 16, 16, 3] if net == "2d" else [BATCH, 16, 16, 8, 1]
     images, labels = {}, {}
     for m in ("mr", "ct"):
-        y = np.stack([rng.choice(3, shape[1:-1], p=[0.8, 0.15, 0.05] if i < BATCH // 2
+        first = [0.8, 0.2, 0.0] if (net, m) == ("3d", "ct") else [0.8, 0.15, 0.05]
+        y = np.stack([rng.choice(3, shape[1:-1], p=first if i < BATCH // 2
                                  else [0.3, 0.2, 0.5]) for i in range(BATCH)])
         labels[m] = y.astype(np.int32)
         images[m] = (rng.normal(0, 1, shape) + y[..., None]).astype(np.float32)
@@ -161,7 +166,42 @@ def mirrored_child(net: str) -> dict:
         # replicas' batch means (equal halves) is the global batch mean.
         report[net]["own_bn_first_mean_abs"] = float(np.max(np.abs(
             own["first_moving_mean"] - single["first_moving_mean"])))
+        report[net]["kd"] = _kd_replicas()
     return report
+
+
+def _kd_replicas() -> dict:
+    """KD of fixed, large logits on the 3D batch: the single-device value, each replica's.
+
+    The network's logits at initialisation are too alike across modalities for the KD term
+    to show in the loss comparison above; these are not. CT's first replica has no class 2.
+    """
+    import tensorflow as tf
+
+    from lib import losses
+    from lib.distribute import distribute_dataset, make_strategy
+
+    _, labels = _batch("3d")
+    rng = np.random.default_rng(1)
+    scale = {"mr": 4.0, "ct": 1.0}  # class-mean logits about 4 e_c (MR) and e_c (CT)
+    logits = {m: (scale[m] * np.eye(3)[labels[m]] + rng.normal(0, 1, labels[m].shape + (3,))
+                  ).astype(np.float32) for m in labels}
+
+    def kd(lg, lb, classes):
+        return losses.kd_loss(tf.convert_to_tensor(lg["mr"]), tf.one_hot(lb["mr"], 3),
+                              tf.convert_to_tensor(lg["ct"]), tf.one_hot(lb["ct"], 3), 2.0,
+                              classes)
+
+    strategy = make_strategy(dict(_config("3d"), DISTRIBUTE="mirrored"))
+    batch = next(iter(distribute_dataset(
+        strategy, tf.data.Dataset.from_tensors((logits, labels)))))
+    out = {}
+    for classes in losses.KD_CLASSES:
+        values = strategy.run(tf.function(lambda lg, lb: kd(lg, lb, classes)), args=batch)
+        out[classes] = {"single": float(kd(logits, labels, classes)),
+                        "replicas": [float(v) for v in
+                                     strategy.experimental_local_results(values)]}
+    return out
 
 
 def test_mirrored_two_cpu_devices_equal_one_device():
@@ -201,6 +241,16 @@ def test_mirrored_two_cpu_devices_equal_one_device():
     # single device's (0.1 x the global batch mean after one step).
     assert report["3d"]["own_bn_spread"] == 0.0, report["3d"]
     assert report["3d"]["own_bn_first_mean_abs"] < 1e-6, report["3d"]
+    # The KD term from the global class counts and sums on every replica, for both
+    # KD_CLASSES. Every class is in both global batches, so "present" equals "all"; a
+    # replica deciding "present" from its own share would drop class 2 on the first one.
+    kd = report["3d"]["kd"]
+    for classes, r in kd.items():
+        assert len(r["replicas"]) == 2, classes
+        for value in r["replicas"]:
+            assert value == pytest.approx(r["single"], rel=1e-5), (classes, r)
+    assert kd["present"]["single"] == pytest.approx(kd["all"]["single"], rel=1e-6), kd
+    assert kd["all"]["single"] > 0.05, kd
 
 
 if __name__ == "__main__":
