@@ -111,6 +111,26 @@ def test_missing_and_mismatched_test_checkpoints(data, tmp_path, capsys):
     assert "FEATURE_BASE=2 there, 4 now" in err and "SCHEME='ummkd' there, 'joint' now" in err
 
 
+
+def test_kd_classes_checked_and_old_runs_without_it_resume(data, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert run(tiny_overrides(data, out, phase="train", num_steps=2, kd_classes="some")) == 2
+    assert "KD_CLASSES: expected one of all, present, got 'some'" in error_line(capsys)
+    assert not os.path.exists(out)
+    assert run(tiny_overrides(data, out, phase="train", num_steps=2)) == 0
+    # A run saved before KD_CLASSES existed trained with "all": it resumes as it is ...
+    path = os.path.join(out, "config.json")
+    saved = json.load(open(path, encoding="utf-8"))
+    del saved["KD_CLASSES"]
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(saved, handle)
+    assert run(tiny_overrides(data, out, phase="train", num_steps=3)) == 0
+    assert os.path.exists(os.path.join(out, "checkpoints", "model-3.index"))
+    # ... and is refused with the other choice.
+    assert run(tiny_overrides(data, out, phase="train", num_steps=4,
+                              kd_classes="present")) == 2
+    assert "KD_CLASSES='all' there, 'present' now" in error_line(capsys)
+
 def test_start_over_moves_the_old_run_aside(data, tmp_path):
     out = str(tmp_path / "run")
     assert run(tiny_overrides(data, out, phase="train", num_steps=2)) == 0
