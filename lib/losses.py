@@ -97,7 +97,8 @@ def kd_loss(logits_a, onehot_a, logits_b, onehot_b, temperature: float = 2.0,
     into both modalities.
     """
     if classes not in KD_CLASSES:
-        raise ValueError(f"KD_CLASSES: expected one of {', '.join(KD_CLASSES)}, got {classes!r}")
+        raise ValueError(f"KD_CLASSES: expected one of {', '.join(KD_CLASSES)}, "
+                         f"got {classes!r}")
     mean_a, count_a = class_mean_logits(logits_a, onehot_a, return_counts=True)
     mean_b, count_b = class_mean_logits(logits_b, onehot_b, return_counts=True)
     log_qa = tf.nn.log_softmax(mean_a / temperature, axis=-1)
@@ -110,6 +111,7 @@ def kd_loss(logits_a, onehot_a, logits_b, onehot_b, temperature: float = 2.0,
         return tf.reduce_mean(per_class)
     present = tf.cast((count_a > 0) & (count_b > 0), per_class.dtype)
     return tf.reduce_sum(per_class * present) / tf.maximum(tf.reduce_sum(present), 1.0)
+
 
 def l2_penalty(kernels):
     """sum over kernels of sum(w^2)/2 (convolution kernels only, never BN parameters).

@@ -41,9 +41,9 @@ from lib.schemes import get_scheme
 
 CONFIG_FILE = "config.json"
 LOG_FILE = "log.jsonl"
-# Settings that may change between a run and its resumption without changing the run.
 # Settings added after runs were saved: a saved config without one had this value.
 LATER_KEYS = {"KD_CLASSES": "all"}
+# Settings that may change between a run and its resumption without changing the run.
 RESUMABLE_KEYS = {"PHASE", "NUM_STEPS", "TEST_MODEL", "TENSORBOARD_PORT", "DISPLAY_STEP",
                   "CHECKPOINT_SPACE", "SUMMARY_STEP", "KEEP_CHECKPOINTS", "PRESET",
                   "SOURCE_TEST_LIST", "TARGET_TEST_LIST", "TEST_BATCH", "TEST_STRIDE",
