@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from lib.config import ConfigError
 from lib.distribute import global_sum, replicated
 
 DICE_EPS = 1e-7
@@ -68,11 +69,9 @@ def weighted_cross_entropy(probs, onehot):
     return total[0] / total[1]
 
 
-def class_mean_logits(logits, onehot, return_counts: bool = False):
-    """[C, C]: row c is the mean logit vector over the pixels whose ground truth is c.
-
-    With ``return_counts`` also the [C] pixel counts (global over replicas) of each class.
-    """
+def class_mean_logits(logits, onehot):
+    """([C, C], [C]): row c is the mean logit vector over the pixels whose ground truth is
+    c; and the pixel count of each class (both over the global batch)."""
     axes = _spatial_axes(logits)
     flat_logits = tf.reshape(logits, [-1, logits.shape[-1]])
     flat_onehot = tf.reshape(onehot, [-1, onehot.shape[-1]])
@@ -80,8 +79,14 @@ def class_mean_logits(logits, onehot, return_counts: bool = False):
     counts = tf.reduce_sum(onehot, axes)[:, None]
     # One collective for both: [C, C + 1], the last column the counts.
     both = global_sum(tf.concat([sums, counts], axis=1))
-    means = both[:, :-1] / (both[:, -1:] + KD_COUNT_EPS)
-    return (means, both[:, -1]) if return_counts else means
+    return both[:, :-1] / (both[:, -1:] + KD_COUNT_EPS), both[:, -1]
+
+
+def check_kd_classes(classes: str) -> None:
+    """A one-line ConfigError (a ValueError) unless ``classes`` is one of KD_CLASSES."""
+    if classes not in KD_CLASSES:
+        raise ConfigError(f"KD_CLASSES: expected one of {', '.join(KD_CLASSES)}, "
+                          f"got {classes!r}")
 
 
 def kd_loss(logits_a, onehot_a, logits_b, onehot_b, temperature: float = 2.0,
@@ -96,11 +101,9 @@ def kd_loss(logits_a, onehot_a, logits_b, onehot_b, temperature: float = 2.0,
     the mean over the classes present in both batches (0 if there is none). Gradients flow
     into both modalities.
     """
-    if classes not in KD_CLASSES:
-        raise ValueError(f"KD_CLASSES: expected one of {', '.join(KD_CLASSES)}, "
-                         f"got {classes!r}")
-    mean_a, count_a = class_mean_logits(logits_a, onehot_a, return_counts=True)
-    mean_b, count_b = class_mean_logits(logits_b, onehot_b, return_counts=True)
+    check_kd_classes(classes)
+    mean_a, count_a = class_mean_logits(logits_a, onehot_a)
+    mean_b, count_b = class_mean_logits(logits_b, onehot_b)
     log_qa = tf.nn.log_softmax(mean_a / temperature, axis=-1)
     log_qb = tf.nn.log_softmax(mean_b / temperature, axis=-1)
     qa, qb = tf.exp(log_qa), tf.exp(log_qb)

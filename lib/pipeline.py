@@ -22,7 +22,7 @@ import tensorflow as tf
 from lib.config import ConfigError, load_config
 from lib.data import DataError
 from lib.distribute import distribute_dataset, is_chief, make_strategy
-from lib.losses import KD_CLASSES
+from lib.losses import check_kd_classes
 from lib.runtime import get_logger, setup_runtime
 from lib.train import (CONFIG_FILE, LOG_FILE, NETWORK_KEYS, Trainer, TrainingError,
                        check_output, config_differences, first_batch, kd_weight,
@@ -88,9 +88,7 @@ def train_and_evaluate(config: dict, network: Network) -> dict | None:
     if len(config["CLASS_NAMES"]) != config["N_CLASS"] - 1:
         raise ConfigError(f"CLASS_NAMES: {len(config['CLASS_NAMES'])} names for N_CLASS="
                           f"{config['N_CLASS']} (expected N_CLASS - 1 names, background excluded)")
-    if config.get("KD_CLASSES", "all") not in KD_CLASSES:
-        raise ConfigError(f"KD_CLASSES: expected one of {', '.join(KD_CLASSES)}, "
-                          f"got {config['KD_CLASSES']!r}")
+    check_kd_classes(config.get("KD_CLASSES", "all"))  # before anything is written
     strategy = make_strategy(config)  # first: it may configure the devices
     chief = is_chief(strategy)
     precision = setup_runtime(config)
