@@ -6,7 +6,9 @@ Writes released-format slices to a temporary folder twice: one record per file (
 released) and sharded (--shard_size records per file). For each layout it times the
 project's training pipeline (lib.data.slice_dataset: sampling, parallel reads, parsing,
 checks, batching) for --batches batches, and a plain Python loop that reads the same files'
-bytes in the same process. Prints ONE JSON line.
+bytes in the same process, and (as the ceiling for any pipeline built from TensorFlow's
+ops) a tf.data loop that only reads the same files whole with tf.io.read_file and batches
+them. Prints ONE JSON line.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 from lib.data import slice_dataset, write_slices  # noqa: E402
 
@@ -52,6 +55,18 @@ def pipeline_rate(files, size, batch, batches):
     return batches * batch / (time.perf_counter() - t)
 
 
+def tf_read_rate(files, records_per_file, batch, batches):
+    """Slices/s of tf.data reading whole files (read_file, parallel) and batching them."""
+    ds = tf.data.Dataset.from_tensor_slices(list(files)).repeat()
+    ds = ds.map(tf.io.read_file, num_parallel_calls=tf.data.AUTOTUNE).batch(batch)
+    it = iter(ds.prefetch(tf.data.AUTOTUNE))
+    next(it)
+    t = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return batches * batch * records_per_file / (time.perf_counter() - t)
+
+
 def plain_rate(files, records_per_file):
     t = time.perf_counter()
     for path in files:
@@ -78,8 +93,12 @@ def main(argv=None):
             plain_rate(files, per)  # warm the page cache: both read from memory
             pipe = pipeline_rate(files, args.image_size, args.batch_size, args.batches)
             plain = plain_rate(files, per)
+            # Shards hold many slices each: read as many files as the pipeline read slices.
+            tf_read = tf_read_rate(files, per, args.batch_size,
+                                   max(1, args.batches // per))
             out[name] = {"pipeline_slices_per_s": pipe, "plain_read_slices_per_s": plain,
-                         "ratio": pipe / plain}
+                         "ratio": pipe / plain, "tf_read_file_slices_per_s": tf_read,
+                         "tf_read_file_ratio": tf_read / plain}
     print(json.dumps(out))
 
 

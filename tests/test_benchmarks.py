@@ -59,7 +59,13 @@ def test_input_pipeline_benchmark_json():
     r = bench("input_pipeline.py", "--slices=16", "--image_size=16", "--batch_size=4",
               "--batches=3", "--shard_size=8")
     for layout in ("one_per_file", "sharded"):
-        assert set(r[layout]) == {"pipeline_slices_per_s", "plain_read_slices_per_s", "ratio"}
+        assert set(r[layout]) == {"pipeline_slices_per_s", "plain_read_slices_per_s", "ratio",
+                                  "tf_read_file_slices_per_s", "tf_read_file_ratio"}
+        got = r[layout]
+        assert got["ratio"] == pytest.approx(
+            got["pipeline_slices_per_s"] / got["plain_read_slices_per_s"])
+        assert got["tf_read_file_ratio"] == pytest.approx(
+            got["tf_read_file_slices_per_s"] / got["plain_read_slices_per_s"])
 
 
 @pytest.mark.parametrize("model", ["2d", "3d"])
