@@ -334,11 +334,15 @@ def bad_record_message(err: tf.errors.OpError) -> str | None:
 # ----------------------------------------------------------------------------- volumes
 @dataclass
 class Volume:
-    """A test volume: image [H, W, D] float32, label [H, W, D] int32, voxel spacing (mm)."""
+    """A test volume: image [H, W, D] float32, label [H, W, D] int32, voxel spacing (mm).
+
+    ``spacing`` is None when the file carries no voxel size (.npz): distances are then in
+    voxels unless the caller knows the spacing from elsewhere (lib.evaluate's dataset.json).
+    """
     name: str
     image: np.ndarray
     label: np.ndarray
-    spacing: tuple = (1.0, 1.0, 1.0)
+    spacing: tuple | None = None
     affine: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
 
@@ -377,13 +381,18 @@ def load_volume(entry: str, npz_flip: bool = True) -> Volume:
     parts = entry.split(",")
     if len(parts) != 2:
         raise DataError(f"{entry}: a volume entry must be 'image,label' or one .npz file")
-    try:
-        img = nib.load(parts[0])
-        lab = nib.load(parts[1])
-        image = np.asarray(img.dataobj, dtype=np.float32)
-        label = np.rint(np.asarray(lab.dataobj)).astype(np.int32)
-    except Exception as err:  # nibabel raises several types for bad files
-        raise DataError(f"{parts[0]}: cannot read NIfTI pair ({err})") from None
+
+    def read(path, what):
+        try:
+            nii = nib.load(path)
+            return nii, np.asarray(nii.dataobj)
+        except Exception as err:  # nibabel raises several types for bad files
+            raise DataError(f"{path}: cannot read the {what} NIfTI file ({err})") from None
+
+    img, image = read(parts[0], "image")
+    _, label = read(parts[1], "label")
+    image = image.astype(np.float32, copy=False)
+    label = np.rint(label).astype(np.int32)
     if image.shape != label.shape:
         raise DataError(f"{parts[1]}: label shape {label.shape} differs from image "
                         f"shape {image.shape}")

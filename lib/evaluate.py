@@ -13,6 +13,7 @@ Volumes are [H, W, D] numpy arrays, slices along the last axis (lib/data.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -129,7 +130,8 @@ def load_test_volumes(list_path: str, npz_flip: bool = True) -> list[tuple[Volum
     """Volumes of a test list with their dataset.json record (None when there is none).
 
     dataset.json is looked up next to the list file and in its parent folder (the layout
-    written by data/prepare.py).
+    written by data/prepare.py). A volume whose file has no voxel size (.npz) takes the
+    prepared spacing of its record, so that surface distances are in mm either way.
     """
     records = {}
     base = os.path.dirname(os.path.abspath(list_path))
@@ -141,8 +143,16 @@ def load_test_volumes(list_path: str, npz_flip: bool = True) -> list[tuple[Volum
             records = {c["name"]: {**c, "_folder": folder}
                        for c in info.get("cases", []) if "name" in c}
             break
-    return [(v, records.get(v.name)) for v in
-            (load_volume(e, npz_flip=npz_flip) for e in read_list(list_path))]
+    out = []
+    for entry in read_list(list_path):
+        volume = load_volume(entry, npz_flip=npz_flip)
+        record = records.get(volume.name)
+        spacing = (record or {}).get("prepared", {}).get("spacing")
+        if volume.spacing is None and spacing:
+            # .npz files carry no geometry; data preparation recorded the prepared voxel size
+            volume = dataclasses.replace(volume, spacing=tuple(float(v) for v in spacing))
+        out.append((volume, record))
+    return out
 
 
 def _save_labels(path: str, labels: np.ndarray, record: dict | None, affine) -> None:
@@ -180,8 +190,12 @@ def evaluate(predict, test_lists: dict, class_names: list[str], output_path: str
     n_class = len(class_names) + 1
     report = {"checkpoint": checkpoint, "classes": list(class_names)}
     for modality, list_path in test_lists.items():
-        cases, shown = [], False
+        cases, shown, unit = [], False, "mm"
         for volume, record in load_test_volumes(list_path, npz_flip=npz_flip):
+            if volume.spacing is None and unit == "mm":
+                unit = "voxel"
+                log(f"  {modality}: {volume.name} has no voxel size (an .npz file without a "
+                    f"dataset.json record): its surface distances are in voxels")
             t0 = time.time()
             pred = predict(modality, volume.image)
             case = {"case": volume.name,
@@ -204,7 +218,8 @@ def evaluate(predict, test_lists: dict, class_names: list[str], output_path: str
             log(f"  {modality} {volume.name}: Dice " + ", ".join(
                 f"{k} {v:.3f}" for k, v in case["dice"].items())
                 + f" ({time.time() - t0:.1f} s)")
-        report[modality] = {**metrics.summarize(cases, classes), "cases": cases}
+        report[modality] = {**metrics.summarize(cases, classes), "distance_unit": unit,
+                            "cases": cases}
     modality_results = {m: report[m] for m in test_lists}
     metrics.write_metrics_csv(os.path.join(results_dir, "metrics.csv"), modality_results)
     figures.dice_boxplot(os.path.join(fig_dir, "dice_boxplot.png"), modality_results,

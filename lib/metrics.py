@@ -308,14 +308,16 @@ def format_table(results_by_modality: Mapping, classes) -> str:
     """Plain-text table: one row per class plus an "average" row.
 
     Columns are, for each modality in order, "<MOD> Dice" (mean±std) and "<MOD> ASSD (mm)"
-    (mean±std). A cell gets a "(k undefined)" note when k cases had NaN distances for that
-    class and reads "n/a (k undefined)" when no case had a defined distance. The average row
-    holds the mean over classes of the per-class means.
+    (mean±std; "(voxel)" when the modality's result says ``distance_unit`` "voxel"). A
+    cell gets a "(k undefined)" note when k cases had NaN distances for that class and reads
+    "n/a (k undefined)" when no case had a defined distance. The average row holds the mean
+    over classes of the per-class means.
     """
     names = [name for _, name in class_items(classes)]
     header = ["class"]
     for mod in results_by_modality:
-        header += [f"{mod.upper()} Dice", f"{mod.upper()} ASSD (mm)"]
+        unit = results_by_modality[mod].get("distance_unit", "mm")
+        header += [f"{mod.upper()} Dice", f"{mod.upper()} ASSD ({unit})"]
     rows = []
     for name in names:
         row = [name]

@@ -145,6 +145,7 @@ def test_npz_volume_with_flip(tmp_path):
     np.testing.assert_array_equal(vol.image, img)
     np.testing.assert_array_equal(vol.label, lab)
     assert vol.name == "case_1"
+    assert vol.spacing is None  # an .npz file carries no voxel size
 
 
 def test_stack_context_replicates_edges():
@@ -165,3 +166,22 @@ def test_prediction_covers_every_slice():
     for batch in (1, 3, 16):
         out = predict_volume_2d(predict_fn, "ct", labels.astype(np.float32), 8, batch)
         np.testing.assert_array_equal(out, labels)
+
+
+@pytest.mark.parametrize("broken", ["image", "label"])
+def test_broken_nifti_pair_names_the_broken_file(tmp_path, broken):
+    import nibabel as nib
+
+    paths = {}
+    for part in ("image", "label"):
+        paths[part] = str(tmp_path / f"case_{part}.nii.gz")
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 3), np.float32), np.eye(4)), paths[part])
+    with open(paths[broken], "rb") as handle:
+        head = handle.read(60)
+    with open(paths[broken], "wb") as handle:  # a gzip stream cut short
+        handle.write(head)
+    with pytest.raises(data.DataError) as err:
+        data.load_volume(f"{paths['image']},{paths['label']}")
+    message = str(err.value)
+    assert message.startswith(paths[broken] + ": cannot read the " + broken)
+    assert "\n" not in message

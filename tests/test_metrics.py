@@ -258,6 +258,11 @@ def test_format_table():
     assert row_a.count("n/a (1 undefined)") == 1  # CT: the only case is undefined
     assert "0.250" in avg and "1.50" in avg
     assert "n/a (2 undefined)" in avg
+    assert "MR ASSD (mm)" in header and "CT ASSD (mm)" in header
+    results = _results()
+    results["ct"]["distance_unit"] = "voxel"  # an .npz test set with no recorded spacing
+    header = format_table(results, CLASSES).splitlines()[1]
+    assert "MR ASSD (mm)" in header and "CT ASSD (voxel)" in header
 
 
 def test_class_items():

@@ -129,6 +129,10 @@ def test_cli_end_to_end(tmp_path):
 
     ((volume, found),) = load_test_volumes(str(out / "test_list.txt"))
     assert volume.name == "c" and found is not None and found["name"] == "c"
+    # the .npz file has no geometry: its record's spacing makes the distances mm, not voxels
+    ((npz_volume, _),) = load_test_volumes(str(out / "test_npz_list.txt"))
+    assert npz.spacing is None
+    assert npz_volume.spacing == pytest.approx(nii.spacing, abs=1e-5)
     restored = prep.restore_prediction(volume.label, found)
     gt = nib.load(out / "test" / "c_gt.nii.gz")
     np.testing.assert_array_equal(np.asarray(restored.dataobj), np.asarray(gt.dataobj))
