@@ -4,8 +4,9 @@
 
 Writes released-format slices to a temporary folder twice: one record per file (as
 released) and sharded (--shard_size records per file). For each layout it times the
-project's training pipeline (lib.data.slice_dataset: sampling, parallel reads, parsing,
-checks, batching) for --batches batches, and a plain Python loop that reads the same files'
+project's training pipeline (lib.data.slice_dataset: sampling single slices uniformly,
+parallel reads, parsing, checks, batching; a draw from a shard reads the shard up to the
+drawn slice) for --batches batches, and a plain Python loop that reads the same files'
 bytes in the same process, and (as the ceiling for any pipeline built from TensorFlow's
 ops) a tf.data loop that only reads the same files whole with tf.io.read_file and batches
 them. Prints ONE JSON line.

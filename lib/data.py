@@ -188,19 +188,45 @@ def parse_slice(serialized: tf.Tensor, image_size: int | None = None, filename=N
     return image, label
 
 
-def sample_files(files: list[str], seed: int, start: int = 0) -> tf.data.Dataset:
-    """Endless stream of file names drawn uniformly (with replacement), keyed by position.
+def count_records(path: str) -> int:
+    """Number of records in one TFRecord file, from its length headers alone.
+
+    A header or record that runs past the end of the file is a DataError naming the file.
+    """
+    size, offset, count = os.path.getsize(path), 0, 0
+    with open(path, "rb") as handle:
+        while offset < size:
+            handle.seek(offset)
+            header = handle.read(8)
+            offset += 16 + (int.from_bytes(header, "little") if len(header) == 8 else size)
+            if offset > size:
+                raise DataError(f"{path}: truncated or corrupt: a record runs past the end "
+                                f"of the file")
+            count += 1
+    return count
+
+
+def sample_records(files: list[str], seed: int, start: int = 0) -> tf.data.Dataset:
+    """Endless stream of (k, file name, record index) drawn uniformly over all records.
 
     Element k is a pure function of (seed, k), so a run resumed at step s continues with
-    exactly the files an uninterrupted run would have read (start = s * batch size).
+    exactly the slices an uninterrupted run would have read (start = s * batch size). With
+    one record per file (the released layout) record k is file u_k, u_k uniform in
+    0..len(files)-1.
     """
-    names = tf.constant(list(files))
-    n = len(files)
+    counts = np.array([count_records(f) for f in files], np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        raise DataError(f"{files[0]}{' and the other files' if len(files) > 1 else ''}: "
+                        f"no records")
+    names, ends = tf.constant(list(files)), tf.constant(np.cumsum(counts))
+    sizes = tf.constant(counts)
 
     def pick(k):
         u = tf.random.stateless_uniform([], seed=tf.stack([tf.constant(seed, tf.int64), k]),
-                                        maxval=n, dtype=tf.int64)
-        return names[u]
+                                        maxval=total, dtype=tf.int64)
+        j = tf.searchsorted(ends, u[None], side="right")[0]
+        return k, names[j], u - (ends[j] - sizes[j])
 
     return tf.data.Dataset.counter(start=start, dtype=tf.int64).map(pick)
 
@@ -210,8 +236,9 @@ def sample_files(files: list[str], seed: int, start: int = 0) -> tf.data.Dataset
 WHOLE_FILE_MAX_BYTES = 64 << 20
 
 
-def read_records(path) -> tf.Tensor:
-    """All records of one TFRecord file from a single read: [N] strings.
+def read_records(path, index=None) -> tf.Tensor:
+    """All records of one TFRecord file from a single read: [N] strings; with ``index``,
+    record ``index`` alone (a scalar string; past the last record is an error).
 
     TFRecord framing, little endian: per record a uint64 length, a uint32 CRC of it, the
     data and a uint32 CRC of the data. The CRCs are not checked here (validate_tfrecords
@@ -245,9 +272,29 @@ def read_records(path) -> tf.Tensor:
     first = tf.cond(size >= 16,
                     lambda: tf.io.decode_raw(tf.strings.substr(content, 0, 8), tf.int64)[0],
                     lambda: tf.constant(-1, tf.int64))
-    return tf.cond(tf.equal(first, size - 16),
-                   lambda: tf.strings.substr(content, 12, tf.cast(first, tf.int32))[None],
-                   every_record)
+    one = tf.equal(first, size - 16)
+    if index is None:
+        return tf.cond(one, lambda: tf.strings.substr(content, 12, tf.cast(first, tf.int32))[None],
+                       every_record)
+    # the record itself, not a slice of a one-element vector: no copy of it
+    return tf.cond(one & tf.equal(index, 0),
+                   lambda: tf.strings.substr(content, 12, tf.cast(first, tf.int32)),
+                   lambda: every_record()[index])
+
+
+def _drawn_records(files: list[str], draws: tf.data.Dataset) -> tf.data.Dataset:
+    """(k, file name, serialized record) of each (k, file, record index) drawn.
+
+    A file holding several records is read up to the drawn one for every draw: one slice
+    per file (the released layout) is the layout to train from.
+    """
+    if max(os.path.getsize(f) for f in files) <= WHOLE_FILE_MAX_BYTES:
+        return draws.map(lambda k, f, i: (k, f, read_records(f, i)),
+                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return draws.interleave(
+        lambda k, f, i: tf.data.TFRecordDataset(f).skip(i).take(1).map(lambda r: (k, f, r)),
+        cycle_length=8, block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True)
 
 
 def _records_with_names(files: list[str], names: tf.data.Dataset) -> tf.data.Dataset:
@@ -266,22 +313,34 @@ def slice_dataset(files: list[str], image_size: int, batch_size: int, *, seed: i
                   repeat: bool = True) -> tf.data.Dataset:
     """Batches (image [B, S, S, 3] float32, label [B, S, S] int32) from TFRecord files.
 
-    Training (``repeat``): slices drawn at random by sample_files, resumable at any step;
-    files are read in parallel, in a deterministic order. ``repeat=False``: every record of
-    every file once, in order. Bad records stop the pipeline naming their file (parse_slice).
-    ``augment`` is an optional graph function (image, label) -> (image, label).
+    Training (``repeat``): slices drawn at random, uniformly over all records, by
+    sample_records, resumable at any step; files are read in parallel, in a deterministic
+    order. ``repeat=False``: every record of every file once, in order. Bad records stop the
+    pipeline naming their file (parse_slice). ``augment``: an optional graph function
+    ``(image, label, seed) -> (image, label)``, called with a stateless seed (int32 [2])
+    derived from (seed, k) for the k-th slice, so a resumed run repeats the augmentation of
+    an uninterrupted one.
     """
     if not files:
         raise DataError("no TFRecord files given")
     if repeat:
-        names = sample_files(files, seed, start_step * batch_size)
+        ds = _drawn_records(files, sample_records(files, seed, start_step * batch_size))
     else:
-        names = tf.data.Dataset.from_tensor_slices(list(files))
-    ds = _records_with_names(files, names)
-    ds = ds.map(lambda f, r: parse_slice(r, image_size, f, n_class),
+        ds = _records_with_names(files, tf.data.Dataset.from_tensor_slices(list(files)))
+        ds = ds.enumerate().map(lambda k, fr: (k, fr[0], fr[1]))
+    ds = ds.map(lambda k, f, r: (k, *parse_slice(r, image_size, f, n_class)),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if augment is not None:
-        ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        key = tf.constant(seed, tf.int64)
+
+        def augment_slice(k, image, label):
+            # a key of its own: the sampler draws from (seed, k) itself
+            aug_seed = tf.random.experimental.stateless_fold_in(tf.stack([key, k]), 1)
+            return augment(image, label, seed=aug_seed)
+
+        ds = ds.map(augment_slice, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    else:
+        ds = ds.map(lambda k, image, label: (image, label))
     ds = ds.batch(batch_size, drop_remainder=repeat)
     return ds.prefetch(tf.data.AUTOTUNE)
 

@@ -136,6 +136,84 @@ def test_slice_dataset_reads_shards_and_single_records_alike(tmp_path, monkeypat
         np.testing.assert_array_equal(got[0][1], np.stack([s[1] for s in slices]))
 
 
+def _numbered_files(tmp_path, records_per_file):
+    """Files whose slices hold the value 10 * file + record everywhere."""
+    files = []
+    for f, n in enumerate(records_per_file):
+        path = str(tmp_path / f"numbered_{f}.tfrecords")
+        data.write_slices(path, [(np.full((8, 8, 3), 10 * f + r, np.float32),
+                                  np.zeros((8, 8), np.int64)) for r in range(n)])
+        files.append(path)
+    return files
+
+
+def _values(ds, batches):
+    return [[int(v) for v in x[:, 0, 0, 0].numpy()] for x, _ in
+            (batch for _, batch in zip(range(batches), ds))]
+
+
+@pytest.mark.parametrize("whole_file", [True, False])
+def test_training_draws_single_records_and_resumes_exactly(tmp_path, monkeypatch, whole_file):
+    """Element k is record u_k of all 12, u_k uniform from the stateless key (seed, k):
+    batches mix files, and a run resumed at step 2 reads what an uninterrupted one did."""
+    if not whole_file:
+        monkeypatch.setattr(data, "WHOLE_FILE_MAX_BYTES", 0)  # streamed shards
+    files = _numbered_files(tmp_path, [4, 4, 4])
+    full = _values(data.slice_dataset(files, 8, 4, seed=5), 5)
+    expected = []
+    for k in range(20):
+        u = int(tf.random.stateless_uniform([], seed=[5, k], maxval=12, dtype=tf.int64))
+        expected.append(10 * (u // 4) + u % 4)
+    assert sum(full, []) == expected
+    assert _values(data.slice_dataset(files, 8, 4, seed=5, start_step=2), 3) == full[2:]
+
+
+def test_training_draws_are_uniform_over_records_not_files(tmp_path):
+    files = _numbered_files(tmp_path, [1, 3])
+    values = sum(_values(data.slice_dataset(files, 8, 8, seed=0), 50), [])
+    share_of_first = sum(v < 10 for v in values) / len(values)
+    # uniform over the 4 records: 1/4 (per file it would be 1/2); 400 draws, sd 0.022
+    assert 0.17 < share_of_first < 0.33
+    assert set(values) == {0, 10, 11, 12}
+
+
+def test_one_record_per_file_draws_file_u_k(tmp_path):
+    """The released layout keeps the stream runs saved before records were indexed drew."""
+    files = _numbered_files(tmp_path, [1] * 5)
+    got = sum(_values(data.slice_dataset(files, 8, 5, seed=3), 2), [])
+    assert got == [10 * int(tf.random.stateless_uniform([], seed=[3, k], maxval=5,
+                                                        dtype=tf.int64)) for k in range(10)]
+
+
+def test_augmentation_is_keyed_by_slice_and_repeats_on_resume(tmp_path):
+    from lib.prep import make_augment
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(16, 16, 3)).astype(np.float32)
+    path = str(tmp_path / "one.tfrecords")
+    data.write_slices(path, [(image, rng.integers(0, 3, (16, 16)))])
+
+    def batches(start_step, n):
+        ds = data.slice_dataset([path], 16, 2, seed=1, start_step=start_step,
+                                augment=make_augment(seed=0))
+        return [x.numpy() for x, _ in (b for _, b in zip(range(n), ds))]
+
+    full, resumed = batches(0, 4), batches(2, 2)
+    for a, b in zip(full[2:], resumed):
+        np.testing.assert_array_equal(a, b)
+    # the same slice drawn twice is augmented differently
+    assert not np.allclose(full[0][0], full[0][1])
+
+
+def test_count_records_names_a_truncated_file(tmp_path):
+    files = _numbered_files(tmp_path, [3])
+    assert data.count_records(files[0]) == 3
+    raw = open(files[0], "rb").read()
+    open(files[0], "wb").write(raw[:-5])
+    with pytest.raises(data.DataError, match="numbered_0.tfrecords: truncated or corrupt"):
+        data.count_records(files[0])
+
+
 def test_npz_volume_with_flip(tmp_path):
     img = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
     lab = (img > 10).astype(np.int32)
