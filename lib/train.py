@@ -256,6 +256,11 @@ class Trainer:
         self.logger.info(f"training steps {start}..{num_steps} of {type(self.model).__name__}")
         bar = _progress(start, num_steps, cfg.get("PROGRESS", True) and self.chief)
         log_path = os.path.join(self.output_path, LOG_FILE)
+        if self.chief and start > 0:
+            dropped = trim_log(log_path, start)
+            if dropped:
+                self.logger.info(f"{LOG_FILE}: dropped {dropped} line(s) of steps after the "
+                                 f"restored step {start}; they are trained again")
         t0, last = time.time(), None
         try:
             with (open(log_path, "a", encoding="utf-8") if self.chief
@@ -355,6 +360,37 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- helpers
+def trim_log(path: str, step: int) -> int:
+    """Drop the lines of a JSON-lines log whose "step" is after ``step``; returns how many.
+
+    A run killed between checkpoints has logged steps that its resumed run trains and logs
+    again. An unreadable last line without its newline (cut off by the kill) goes too, so
+    that the next line is not appended to it; other lines stay as they are. Rewritten
+    atomically, and only when something is dropped.
+    """
+    if not os.path.isfile(path):
+        return 0
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        lines = handle.readlines()
+
+    def after(line: str, last: bool) -> bool:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return last and not line.endswith("\n")
+        value = record.get("step") if isinstance(record, dict) else None
+        return isinstance(value, (int, float)) and value > step
+
+    keep = [line for i, line in enumerate(lines) if not after(line, i == len(lines) - 1)]
+    if len(keep) == len(lines):
+        return 0
+    tmp = path + ".partial"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.writelines(keep)
+    os.replace(tmp, path)
+    return len(lines) - len(keep)
+
+
 class _NoLog:
     """The JSON-lines log of a worker that is not the chief: writes nothing."""
 

@@ -15,6 +15,7 @@ import main_combine
 from conftest import ROOT, tiny_overrides, write_tiny_dataset
 from lib.data import encode_slice, read_list, write_slices
 from lib.pipeline import main
+from lib.train import trim_log
 
 
 def run(args):
@@ -160,12 +161,21 @@ def _cmd(data, out, **extra):
 
 
 def _losses(out):
-    """Last logged total loss of every step (a killed run may have logged a step twice)."""
+    """Logged total loss of every step; a step logged twice is an error."""
     losses = {}
     for line in open(os.path.join(out, "log.jsonl"), encoding="utf-8"):
         record = json.loads(line)
+        assert record["step"] not in losses, f"step {record['step']} logged twice"
         losses[record["step"]] = record["loss/total"]
     return losses
+
+
+def _logged_steps(out):
+    path = os.path.join(out, "log.jsonl")
+    if not os.path.exists(path):
+        return []
+    lines = open(path, encoding="utf-8").read().splitlines()
+    return [json.loads(line)["step"] for line in lines[:-1]]  # the last may be half written
 
 
 def _wait_for(path, proc, timeout=120):
@@ -185,6 +195,10 @@ def test_sigkill_resume_matches_an_uninterrupted_run(data, tmp_path):
     proc = subprocess.Popen(_cmd(data, out, **steps), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=env)
     _wait_for(os.path.join(out, "checkpoints", "model-10.index"), proc)
+    # kill between checkpoints, after steps that the resumed run trains (and logs) again
+    t0 = time.time()
+    while _logged_steps(out)[-1:] < [12] and proc.poll() is None and time.time() - t0 < 60:
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     resumed_at = int(tf.train.latest_checkpoint(os.path.join(out, "checkpoints")).split("-")[-1])
@@ -247,3 +261,16 @@ print(",".join(seen))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ("step finished,check raised,second interrupted,"
                                   "outside interrupted")
+
+
+def test_trim_log_drops_steps_after_the_restored_one(tmp_path):
+    path = tmp_path / "log.jsonl"
+    lines = ['{"step": 1, "x": 1}\n', '{"step": 2}\n', 'not json\n', '{"step": 3}\n',
+             '{"step": 4}\n', '{"step": 5}\n', '{"step": 6, "x"']  # cut off by a kill
+    path.write_text("".join(lines), encoding="utf-8")
+    assert trim_log(str(path), 3) == 3  # steps 4 and 5, and the cut-off line
+    assert path.read_text(encoding="utf-8") == "".join(lines[:4])
+    assert os.listdir(tmp_path) == ["log.jsonl"]  # no temporary file left
+    before = os.stat(path).st_mtime_ns
+    assert trim_log(str(path), 3) == 0 and os.stat(path).st_mtime_ns == before
+    assert trim_log(str(tmp_path / "missing.jsonl"), 3) == 0
