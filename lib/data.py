@@ -470,6 +470,12 @@ def zip_modalities(datasets: dict) -> tf.data.Dataset:
                                       {m: p[1] for m, p in zip(names, pairs)}))
 
 
+def validation_start(config: dict, start_step: int) -> int:
+    """Validation batches a run has used before ``start_step``: one every DISPLAY_STEP steps
+    (lib.train), so a resumed run validates on the batches an uninterrupted one would."""
+    return start_step // config["DISPLAY_STEP"]
+
+
 def slice_training_data(config: dict, train_lists: dict, val_lists: dict, augment=None,
                         start_step: int = 0):
     """2D training and validation batches for every modality from their TFRecord lists.
@@ -491,7 +497,7 @@ def slice_training_data(config: dict, train_lists: dict, val_lists: dict, augmen
         return zip_modalities(streams)
 
     train = build(train_lists, 0, start_step, augment)
-    val = (build(val_lists, 100, 0, None)
+    val = (build(val_lists, 100, validation_start(config, start_step), None)
            if val_lists and len(val_lists) == len(train_lists) else None)
     return train, val
 
@@ -639,5 +645,6 @@ def volume_training_data(config: dict, train_lists: dict, val_lists: dict,
         return zip_modalities(out)
 
     train = build(train_lists, 0, start_step)
-    val = build(val_lists, 100, 0) if val_lists and len(val_lists) == len(train_lists) else None
+    val = (build(val_lists, 100, validation_start(config, start_step))
+           if val_lists and len(val_lists) == len(train_lists) else None)
     return train, val

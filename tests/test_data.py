@@ -263,3 +263,20 @@ def test_broken_nifti_pair_names_the_broken_file(tmp_path, broken):
     message = str(err.value)
     assert message.startswith(paths[broken] + ": cannot read the " + broken)
     assert "\n" not in message
+
+
+def test_resumed_validation_stream_continues_where_it_stopped(tiny_data):
+    """Training validates one batch every DISPLAY_STEP steps: resumed at step 10 with
+    DISPLAY_STEP 5, the validation stream starts at its third batch (2 used before)."""
+    config = dict(SEED=0, IMAGE_SIZE=16, BATCH_SIZE=2, N_CLASS=3, CHECK_DATA=False,
+                  DISPLAY_STEP=5)
+    assert [data.validation_start(config, s) for s in (0, 4, 5, 10, 14)] == [0, 0, 1, 2, 2]
+    train = {m: tiny_data[m]["train"] for m in ("mr", "ct")}
+    val = {m: tiny_data[m]["val"] for m in ("mr", "ct")}
+    _, fresh = data.slice_training_data(config, train, val, start_step=0)
+    _, resumed = data.slice_training_data(config, train, val, start_step=10)
+    expected = [b for _, b in zip(range(4), fresh)][2:]
+    for (images, labels), (want_images, want_labels) in zip(resumed, expected):
+        for m in ("mr", "ct"):
+            np.testing.assert_array_equal(images[m], want_images[m])
+            np.testing.assert_array_equal(labels[m], want_labels[m])
