@@ -29,7 +29,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from lib.layers import MODALITIES, ConvUnit, ModalityBatchNorm, ModalityConv
+from lib.layers import (MODALITIES, ConvUnit, ModalityBatchNorm, ModalityConv, derive_seed,
+                        seed_sequence)
 from lib.schemes import get_scheme
 
 DOWNSAMPLING = 8  # three 2x max-pools; undone by depth_to_space
@@ -51,9 +52,9 @@ class ResidualBlock(keras.layers.Layer):
         self.modalities, self.seed, self.sync_bn = tuple(modalities), seed, bool(sync_bn)
         unit = dict(rank=2, dilation_rate=dilation_rate, preact=True, dropout=dropout,
                     conv_shared=conv_shared, bn_shared=bn_shared, modalities=modalities,
-                    seed=seed, sync_bn=sync_bn)
-        self.unit1 = ConvUnit(filters, 3, name="unit1", **unit)
-        self.unit2 = ConvUnit(filters, 3, name="unit2", **unit)
+                    sync_bn=sync_bn)
+        self.unit1 = ConvUnit(filters, 3, name="unit1", seed=derive_seed(seed, 1), **unit)
+        self.unit2 = ConvUnit(filters, 3, name="unit2", seed=derive_seed(seed, 2), **unit)
 
     def build(self, input_shape):
         cin = int(input_shape[-1])
@@ -101,13 +102,14 @@ class DilatedResNet2D(keras.Model):
         self.sync_bn = bool(sync_bn)
         sch = get_scheme(scheme)
         f = self.feature_base
+        seeds = seed_sequence(seed)  # one per layer, in creation order
 
         def block(filters, stage, dilation=1):
             return ResidualBlock(filters, dilation, dropout, sch.conv_shared(stage),
-                                 sch.bn_shared(stage), modalities, seed, sync_bn)
+                                 sch.bn_shared(stage), modalities, seeds(), sync_bn)
 
         self.stem = ModalityConv(f, 3, rank=2, shared=sch.conv_shared("first"),
-                                 modalities=modalities, seed=seed, name="stem")
+                                 modalities=modalities, seed=seeds(), name="stem")
         # (block list, max-pool after the group?) in network order.
         self.groups = [
             [block(f, "first")],
@@ -121,20 +123,21 @@ class DilatedResNet2D(keras.Model):
         ]
         self.pool_after = (0, 1, 2)
         unit = dict(rank=2, preact=True, dropout=dropout, conv_shared=sch.conv_shared("decoder"),
-                    bn_shared=sch.bn_shared("decoder"), modalities=modalities, seed=seed,
+                    bn_shared=sch.bn_shared("decoder"), modalities=modalities,
                     sync_bn=sync_bn)
-        self.g9 = [ConvUnit(32 * f, 3, **unit), ConvUnit(32 * f, 3, **unit)]
+        self.g9 = [ConvUnit(32 * f, 3, seed=seeds(), **unit),
+                   ConvUnit(32 * f, 3, seed=seeds(), **unit)]
         up_channels = DOWNSAMPLING * DOWNSAMPLING * DOWNSAMPLING * self.n_class
         # Wide layer on a small image: its kernel gradient is faster as one matmul.
         self.g10_conv = ModalityConv(up_channels, 3, rank=2, padding="valid",
                                      shared=sch.conv_shared("last"), modalities=modalities,
-                                     seed=seed, filter_grad="matmul", name="g10_conv")
+                                     seed=seeds(), filter_grad="matmul", name="g10_conv")
         self.g10_bn = ModalityBatchNorm(shared=sch.bn_shared("last"), modalities=modalities,
                                         activation_slope=0.2, synchronized=sync_bn,
                                         name="g10_bn")
         self.out_conv = ModalityConv(self.n_class, 5, rank=2, padding="valid", use_bias=True,
                                      shared=sch.conv_shared("last"), modalities=modalities,
-                                     seed=seed, name="out_conv")
+                                     seed=seeds(), name="out_conv")
 
     def call(self, x, modalities=MODALITIES, training=None):
         kw = dict(modalities=modalities)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from lib.layers import MODALITIES, ConvUnit, ModalityConv
+from lib.layers import MODALITIES, ConvUnit, ModalityConv, seed_sequence
 from lib.schemes import get_scheme
 
 DOWNSAMPLING = 8
@@ -45,10 +45,12 @@ class UNet3D(keras.Model):
         # (lib.layers.filter_gradient_slices, README). Same weights, same results.
         fast = dict(depth_first=True, filter_grad="slices") if depth_first else {}
 
+        seeds = seed_sequence(seed)  # one per layer, in creation order
+
         def unit(filters, kernel, stage, **kw):
             return ConvUnit(filters, kernel, rank=3, preact=False, **fast,
                             conv_shared=sch.conv_shared(stage), bn_shared=sch.bn_shared(stage),
-                            modalities=modalities, seed=seed, sync_bn=sync_bn, **kw)
+                            modalities=modalities, seed=seeds(), sync_bn=sync_bn, **kw)
 
         k3, k1 = (3, 3, 3), (3, 3, 1)
         self.enc = [
@@ -67,7 +69,7 @@ class UNet3D(keras.Model):
         ]
         self.logits = ModalityConv(self.n_class, 1, rank=3, use_bias=True,
                                    shared=sch.conv_shared("last"), modalities=modalities,
-                                   seed=seed, name="logits",
+                                   seed=seeds(), name="logits",
                                    depth_first=self.depth_first)
 
     def call(self, x, modalities=MODALITIES, training=None):

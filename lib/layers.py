@@ -18,6 +18,7 @@ each modality's branch to its part and concatenates the results. Evaluating one 
 from __future__ import annotations
 
 import itertools
+import zlib
 
 import keras
 import tensorflow as tf
@@ -30,10 +31,30 @@ def kernel_initializer(seed=None):
     return keras.initializers.TruncatedNormal(stddev=KERNEL_STDDEV, seed=seed)
 
 
+def derive_seed(seed, *keys):
+    """A seed of its own for one part of a model, from the model's seed and a path of keys.
+
+    Keras initializers and seed generators given the same integer seed draw the same
+    numbers, so every kernel and every dropout stream needs its own seed; deriving them from
+    (seed, keys) keeps a seeded model reproducible. None (unseeded) stays None.
+    """
+    if seed is None:
+        return None
+    return zlib.crc32(repr((int(seed),) + tuple(keys)).encode()) & 0x7FFFFFFF
+
+
+def seed_sequence(seed):
+    """seeds() -> derive_seed(seed, 0), derive_seed(seed, 1), ...: one per sub-layer, in the
+    order a model creates them."""
+    counter = itertools.count()
+    return lambda: derive_seed(seed, next(counter))
+
+
 class PerModality(keras.layers.Layer):
     """Base class: one branch per modality, or a single branch shared by all of them.
 
-    Subclasses implement ``make_branch(name)`` returning a Keras layer.
+    Subclasses implement ``make_branch(name, key)`` returning a Keras layer (key: "shared"
+    or the modality).
     """
 
     def __init__(self, shared: bool = False, modalities=MODALITIES, **kwargs):
@@ -45,9 +66,9 @@ class PerModality(keras.layers.Layer):
         """Called by subclasses at the end of __init__, once their settings are stored."""
         keys = ("shared",) if self.shared else self.modalities
         # A dict of layers keeps checkpoint names readable (".../branches/ct/...").
-        self.branches = {key: self.make_branch(f"{self.name}_{key}") for key in keys}
+        self.branches = {key: self.make_branch(f"{self.name}_{key}", key) for key in keys}
 
-    def make_branch(self, name: str) -> keras.layers.Layer:
+    def make_branch(self, name: str, key: str) -> keras.layers.Layer:
         raise NotImplementedError
 
     def branch(self, modality: str) -> keras.layers.Layer:
@@ -457,10 +478,11 @@ class ModalityConv(PerModality):
             raise ValueError("depth_first: for 3D stride-1 or 'same' transposed convolutions")
         self._make_branches()
 
-    def make_branch(self, name):
+    def make_branch(self, name, key):
+        # modality-specific kernels start apart, as in the original code
         common = dict(filters=self.filters, kernel_size=self.kernel_size, strides=self.strides,
                       padding=self.padding, use_bias=self.use_bias, name=name,
-                      kernel_initializer=kernel_initializer(self.seed))
+                      kernel_initializer=kernel_initializer(derive_seed(self.seed, key)))
         if self.transpose:
             cls = keras.layers.Conv2DTranspose if self.rank == 2 else keras.layers.Conv3DTranspose
             return cls(**common)
@@ -534,12 +556,13 @@ class ConvUnit(keras.layers.Layer):
         self.modalities, self.seed, self.sync_bn = tuple(modalities), seed, bool(sync_bn)
         self.conv = ModalityConv(filters, kernel_size, rank=rank, dilation_rate=dilation_rate,
                                  transpose=transpose, strides=strides, shared=conv_shared,
-                                 modalities=modalities, seed=seed, filter_grad=filter_grad,
-                                 depth_first=depth_first, name="conv")
+                                 modalities=modalities, seed=derive_seed(seed, "conv"),
+                                 filter_grad=filter_grad, depth_first=depth_first, name="conv")
         self.filter_grad, self.depth_first = filter_grad, bool(depth_first)
         self.bn = ModalityBatchNorm(shared=bn_shared, modalities=modalities, activation_slope=0.2,
                                     synchronized=sync_bn, name="bn")
-        self.seed_generator = keras.random.SeedGenerator(seed) if dropout > 0 else None
+        self.seed_generator = (keras.random.SeedGenerator(derive_seed(seed, "dropout"))
+                               if dropout > 0 else None)
 
     def build(self, input_shape):
         input_shape = tuple(input_shape)
@@ -559,6 +582,11 @@ class ConvUnit(keras.layers.Layer):
                 seed = self.seed_generator.next()
                 if seed.dtype != tf.int32:  # stateless ops take int32 seeds
                     seed = tf.cast(tf.math.floormod(seed, tf.int32.max - 1), tf.int32)
+                context = tf.distribute.get_replica_context()
+                if context is not None and context.num_replicas_in_sync > 1:
+                    # each replica drops its own elements (its batch is another one)
+                    seed = tf.random.experimental.stateless_fold_in(
+                        seed, context.replica_id_in_sync_group)
                 x = byte_dropout(x, self.dropout, seed)
             return x
         return self.bn(self.conv(x, modalities=modalities), modalities=modalities,

@@ -37,9 +37,15 @@ def test_output_shapes():
     assert model(x[:1], modalities=("ct",), training=True).shape == (1, 16, 24, 8, 3)
 
 
-def test_depth_first_network_equals_the_keras_layout():
+def test_depth_first_network_equals_the_keras_layout(monkeypatch):
     """Depth-first inside with sliced kernel gradients: the same function of the same
-    weights as plain Keras layers on [B, H, W, D, C], in value and in every gradient."""
+    weights as plain Keras layers on [B, H, W, D, C], in value and in every gradient.
+
+    The two layouts round differently (1e-6); at LeakyReLU's kink that can flip one
+    element's slope and move every gradient behind it by a few per cent, so the networks
+    are compared with a smooth LeakyReLU (the layout code under test is unchanged)."""
+    monkeypatch.setattr(tf.nn, "leaky_relu", lambda x, alpha=0.2: (
+        alpha * x + (1.0 - alpha) * tf.nn.softplus(4.0 * x) / 4.0))
     nets = [UNet3D(n_class=3, feature_base=2, seed=0, depth_first=d).build_for((16, 8, 8))
             for d in (True, False)]
     for a, b in zip(nets[1].variables, nets[0].variables):

@@ -119,3 +119,40 @@ def test_model_round_trips_get_config():
     model = DilatedResNet2D(n_class=3, feature_base=2, scheme="individual")
     clone = DilatedResNet2D.from_config(model.get_config())
     assert clone.get_config() == model.get_config()
+
+
+@pytest.mark.parametrize("scheme", ["ummkd", "individual"])
+def test_seeded_model_gives_every_kernel_its_own_start(scheme):
+    """Keras initializers with one integer seed repeat their numbers: each kernel (and each
+    modality's own kernel) must get a seed of its own, and the same SEED the same model."""
+    def kernels(seed):
+        model = DilatedResNet2D(n_class=3, feature_base=2, scheme=scheme, seed=seed)
+        model.build_for(16)
+        return [k.numpy() for k in conv_kernels(model)]
+
+    first, again = kernels(0), kernels(0)
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)
+    same_shape = [(a, b) for i, a in enumerate(first) for b in first[:i] if a.shape == b.shape]
+    assert len(same_shape) > 10
+    assert not any(np.array_equal(a, b) for a, b in same_shape)
+    assert not np.array_equal(first[0], kernels(1)[0])
+    # every dropout layer draws its own stream (one seed for all gave every layer one mask)
+    model = DilatedResNet2D(n_class=3, feature_base=2, scheme=scheme, seed=0)
+    model.build_for(16)
+    states = [tuple(v.numpy().tolist()) for v in model.non_trainable_variables
+              if "seed_generator" in v.path]
+    assert len(states) == 30 and len(set(states)) == 30
+
+
+def test_dropout_masks_differ_between_layers():
+    """(Between replicas: tests/test_distribute.py.)"""
+    x = tf.ones([2, 8, 8, 4])
+    units = [ConvUnit(4, 3, dropout=0.25, seed=s) for s in (11, 12)]
+    for unit in units:
+        unit.build(x.shape)
+        # BN(ones) = beta = 1, LeakyReLU keeps it, a kernel of ones makes it positive
+        unit.conv.branches["shared"].kernel.assign(tf.ones([3, 3, 4, 4]))
+        unit.bn.beta.assign(tf.ones_like(unit.bn.beta))
+    kept = [unit(x, training=True).numpy() != 0 for unit in units]
+    assert 0.6 < kept[0].mean() < 0.9 and not np.array_equal(kept[0], kept[1])
