@@ -51,7 +51,10 @@ RESUMABLE_KEYS = {"PHASE", "NUM_STEPS", "TEST_MODEL", "TENSORBOARD_PORT", "DISPL
                   "DATASET_JSON_SOURCE", "DATASET_JSON_TARGET", "SOURCE_VAL_LIST",
                   "TARGET_VAL_LIST", "OUTPUT_PATH", "DISTRIBUTE", "CPU_DEVICES"}
 # Settings that define the network: a checkpoint only fits a network with the same ones.
-NETWORK_KEYS = ("NETWORK", "N_CLASS", "FEATURE_BASE", "SCHEME")
+# For DROPOUT only whether it is on counts: a dropout layer owns a seed-generator variable,
+# and checkpoints list the variables by position.
+NETWORK_KEYS = ("NETWORK", "N_CLASS", "FEATURE_BASE", "SCHEME", "DROPOUT")
+_NETWORK_VALUE = {"DROPOUT": lambda rate: "on" if rate else "off"}
 
 
 def model_variables(model) -> dict:
@@ -102,9 +105,11 @@ def config_differences(saved: dict, config: dict, keys=None) -> list[str]:
     for key in names:
         if keys is None and key in RESUMABLE_KEYS:
             continue
-        before = saved.get(key, LATER_KEYS.get(key))
-        if before != config.get(key):
-            diffs.append(f"{key}={before!r} there, {config.get(key)!r} now")
+        before, now = saved.get(key, LATER_KEYS.get(key)), config.get(key)
+        same = (_NETWORK_VALUE[key](before) == _NETWORK_VALUE[key](now)
+                if keys is not None and key in _NETWORK_VALUE else before == now)
+        if not same:
+            diffs.append(f"{key}={before!r} there, {now!r} now")
     return diffs
 
 

@@ -110,6 +110,11 @@ def test_missing_and_mismatched_test_checkpoints(data, tmp_path, capsys):
                               scheme="joint")) == 2
     err = error_line(capsys)
     assert "FEATURE_BASE=2 there, 4 now" in err and "SCHEME='ummkd' there, 'joint' now" in err
+    # dropout off changes the variables (no seed generators): refused in one line; another
+    # rate is the same network, and tests
+    assert run(tiny_overrides(data, out, phase="test", test_model=prefix, dropout=0.0)) == 2
+    assert "DROPOUT=0.25 there, 0.0 now" in error_line(capsys)
+    assert run(tiny_overrides(data, out, phase="test", test_model=prefix, dropout=0.5)) == 0
 
 
 
@@ -131,6 +136,7 @@ def test_kd_classes_checked_and_old_runs_without_it_resume(data, tmp_path, capsy
     assert run(tiny_overrides(data, out, phase="train", num_steps=4,
                               kd_classes="present")) == 2
     assert "KD_CLASSES='all' there, 'present' now" in error_line(capsys)
+
 
 def test_start_over_moves_the_old_run_aside(data, tmp_path):
     out = str(tmp_path / "run")
