@@ -9,6 +9,7 @@ The resolved configuration is saved as JSON beside the checkpoints (never pickle
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -42,10 +43,11 @@ def _parse_number(name, text, kind):
         return value
     if kind is int and isinstance(value, float) and value.is_integer() and "e" in text.lower():
         return int(value)  # allow 1e5 for step counts
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if (kind is float and isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value)):
         return float(value)
-    raise ConfigError(f"--{name.lower()}: expected {'an integer' if kind is int else 'a number'}"
-                      f", got {text!r}")
+    wanted = "an integer" if kind is int else "a finite number"
+    raise ConfigError(f"--{name.lower()}: expected {wanted}, got {text!r}")
 
 
 def parse_value(name: str, text: str, default, kind=None):
@@ -58,8 +60,14 @@ def parse_value(name: str, text: str, default, kind=None):
     if kind in (int, float):
         return _parse_number(name, text, kind)
     if kind in (list, tuple):
-        items = text.strip().strip("[]()")
-        items = [i.strip() for i in items.split(",") if i.strip()]
+        try:  # the JSON form --help prints: ["a", "b"]
+            loaded = json.loads(text)
+        except json.JSONDecodeError:
+            loaded = None
+        if isinstance(loaded, list):
+            items = [i if isinstance(i, str) else json.dumps(i) for i in loaded]
+        else:
+            items = [i.strip() for i in text.strip().strip("[]()").split(",") if i.strip()]
         elem = type(default[0]) if default else str
         parsed = [parse_value(name, i, default[0] if default else "", elem) for i in items]
         if default and elem is not str and len(parsed) != len(default):

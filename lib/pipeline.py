@@ -79,6 +79,33 @@ def _restore_for_test(model, config: dict, prefix: str | None, output_path: str,
     return prefix
 
 
+# Settings that count steps or examples: at least 1 (0 would divide by zero mid-training).
+POSITIVE_KEYS = ("BATCH_SIZE", "CHECKPOINT_SPACE", "DISPLAY_STEP", "SUMMARY_STEP",
+                 "LR_DECAY_STEPS", "KEEP_CHECKPOINTS", "TEST_BATCH")
+
+
+def check_settings(config: dict) -> None:
+    """Values that parse but cannot work: one ConfigError, before anything is written."""
+    from lib.runtime import PRECISIONS
+    from lib.schemes import SCHEMES
+
+    if config.get("PRECISION", "fp32") not in PRECISIONS:
+        raise ConfigError(f"PRECISION: expected one of {', '.join(PRECISIONS)}, got "
+                          f"{config['PRECISION']!r}")
+    if config["SCHEME"] not in SCHEMES:
+        raise ConfigError(f"SCHEME: expected one of {', '.join(SCHEMES)}, got "
+                          f"{config['SCHEME']!r}")
+    for key in POSITIVE_KEYS:
+        if key in config and config[key] is not None and config[key] < 1:
+            raise ConfigError(f"{key}: expected an integer >= 1, got {config[key]!r}")
+    if config.get("NUM_STEPS", 0) < 0:
+        raise ConfigError(f"NUM_STEPS: expected an integer >= 0, got {config['NUM_STEPS']!r}")
+    if not config.get("LEARNING_RATE", 1.0) > 0:
+        raise ConfigError(f"LEARNING_RATE: expected a number > 0, got "
+                          f"{config['LEARNING_RATE']!r}")
+    check_kd_classes(config.get("KD_CLASSES", "all"))
+
+
 def train_and_evaluate(config: dict, network: Network) -> dict | None:
     """Train and/or test as PHASE says; returns the metrics.json content of a test phase."""
     phase = config["PHASE"]
@@ -88,7 +115,7 @@ def train_and_evaluate(config: dict, network: Network) -> dict | None:
     if len(config["CLASS_NAMES"]) != config["N_CLASS"] - 1:
         raise ConfigError(f"CLASS_NAMES: {len(config['CLASS_NAMES'])} names for N_CLASS="
                           f"{config['N_CLASS']} (expected N_CLASS - 1 names, background excluded)")
-    check_kd_classes(config.get("KD_CLASSES", "all"))  # before anything is written
+    check_settings(config)  # before anything is written
     strategy = make_strategy(config)  # first: it may configure the devices
     chief = is_chief(strategy)
     precision = setup_runtime(config)

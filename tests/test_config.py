@@ -21,6 +21,8 @@ PRESETS = {"demo": {"NUM_STEPS": 10}, "custom": {}}
     (["--augment=0"], "AUGMENT", False),
     (["--patch_size=128,128,8"], "PATCH_SIZE", [128, 128, 8]),
     (["--class_names=x,y,z"], "CLASS_NAMES", ["x", "y", "z"]),
+    (['--class_names=["liver", "spleen"]'], "CLASS_NAMES", ["liver", "spleen"]),  # --help's form
+    (["--patch_size=[64, 64, 8]"], "PATCH_SIZE", [64, 64, 8]),
     (["--tensorboard_port=6006"], "TENSORBOARD_PORT", 6006),
     (["--tensorboard_port=none"], "TENSORBOARD_PORT", None),
     (["--scheme=joint"], "SCHEME", "joint"),
@@ -38,6 +40,8 @@ def test_overrides(args, key, value):
     (["--augment=maybe"], "--augment: expected true or false"),
     (["--patch_size=1,2"], "--patch_size: expected 3 values"),
     (["--tensorboard_port=x"], "--tensorboard_port: expected an integer"),
+    (["--learning_rate=NaN"], "--learning_rate: expected a finite number"),
+    (["--learning_rate=Infinity"], "--learning_rate: expected a finite number"),
     (["num_steps=5"], "must look like --name=value"),
     (["--preset=nope"], "unknown preset 'nope'"),
 ])

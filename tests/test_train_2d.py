@@ -76,3 +76,20 @@ def test_refuses_a_different_run_in_the_output_folder(tiny_data, tmp_path, capsy
 def test_unknown_setting_exits_2(capsys):
     assert run(["--learning_rat=0.1"]) == 2
     assert "--learning_rat: unknown setting" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--precision=fp8", "PRECISION: expected one of auto, fp32, bf16, fp16, got 'fp8'"),
+    ("--scheme=Ummkd", "SCHEME: expected one of"),
+    ("--checkpoint_space=0", "CHECKPOINT_SPACE: expected an integer >= 1, got 0"),
+    ("--display_step=0", "DISPLAY_STEP: expected an integer >= 1, got 0"),
+    ("--summary_step=-1", "SUMMARY_STEP: expected an integer >= 1, got -1"),
+    ("--learning_rate=0", "LEARNING_RATE: expected a number > 0, got 0.0"),
+])
+def test_settings_that_cannot_work_exit_2_before_writing(tiny_data, tmp_path, capsys, arg,
+                                                         message):
+    out = str(tmp_path / "run")
+    assert run(tiny_overrides(tiny_data, out) + [arg]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not os.path.exists(out)
