@@ -114,25 +114,51 @@ def run_dir(out: str, scheme: str, seed: int) -> str:
     return os.path.join(out, scheme, f"seed{seed}")
 
 
+# Settings that do not change a run's results: everything else must match for its results
+# to be reused (the test lists and test-time settings too).
+BOOKKEEPING = {"PHASE", "TENSORBOARD_PORT", "DISPLAY_STEP", "CHECKPOINT_SPACE", "SUMMARY_STEP",
+               "KEEP_CHECKPOINTS", "PROGRESS", "RESUME", "START_OVER", "CHECK_DATA",
+               "OUTPUT_PATH", "TEST_MODEL", "TEST_BATCH", "PRESET", "CPU_DEVICES"}
+
+
+def _saved_config(config: dict) -> dict | None:
+    from lib.train import CONFIG_FILE
+
+    path = os.path.join(config["OUTPUT_PATH"], CONFIG_FILE)
+    return load_config(path) if os.path.isfile(path) else None
+
+
 def is_done(config: dict) -> tuple[bool, str]:
     """Whether the run of ``config`` already has results made with the same settings."""
-    from lib.train import CONFIG_FILE, config_differences
+    from lib.train import config_differences
 
-    out = config["OUTPUT_PATH"]
-    metrics = os.path.join(out, "results", "metrics.json")
-    if not os.path.isfile(metrics):
+    if not os.path.isfile(os.path.join(config["OUTPUT_PATH"], "results", "metrics.json")):
         return False, "no results yet"
-    saved_path = os.path.join(out, CONFIG_FILE)
-    if not os.path.isfile(saved_path):
+    saved = _saved_config(config)
+    if saved is None:
         return True, "results exist"
-    saved = load_config(saved_path)
-    diffs = config_differences(saved, config)
-    if saved.get("NUM_STEPS") != config.get("NUM_STEPS"):
-        diffs.append(f"NUM_STEPS={saved.get('NUM_STEPS')!r} there, "
-                     f"{config.get('NUM_STEPS')!r} now")
+    diffs = config_differences(saved, config,
+                               sorted((set(saved) | set(config)) - BOOKKEEPING))
     if diffs:
         return False, "results of other settings (" + "; ".join(diffs) + ")"
     return True, "results exist"
+
+
+def trained_otherwise(config: dict) -> str | None:
+    """How a previous run in OUTPUT_PATH was trained differently, else None.
+
+    A run trained past NUM_STEPS, or with other training settings, would not be the run of
+    this comparison: it is moved aside (START_OVER, never deleted) and trained again. Runs
+    that differ only in test-time settings are tested again without retraining.
+    """
+    from lib.train import config_differences
+
+    beyond = trained_beyond(config)
+    if beyond is not None:
+        return f"trained to step {beyond} > NUM_STEPS"
+    saved = _saved_config(config)
+    diffs = config_differences(saved, config) if saved is not None else []
+    return "trained with " + "; ".join(diffs) if diffs else None
 
 
 def trained_beyond(config: dict) -> int | None:
@@ -422,12 +448,12 @@ def main(argv=None, log=print) -> int:
                     f"{os.path.relpath(configs[(s, k)]['OUTPUT_PATH'], ROOT)}")
                 status[(s, k)] = ("skipped", 0.0)
                 continue
-            beyond = trained_beyond(configs[(s, k)])
-            if beyond is not None:
-                log(f"{s} seed {k}: the run in its folder was trained to step {beyond} > "
-                    f"NUM_STEPS; moving it aside (START_OVER) and training again")
+            other = trained_otherwise(configs[(s, k)])
+            if other is not None:
+                log(f"{s} seed {k}: the run in its folder was {other}; moving it aside "
+                    f"(START_OVER) and training again")
             status[(s, k)] = run_one(args.network, args.preset, s, k, args.out, overrides, log,
-                                     start_over=beyond is not None)
+                                     start_over=other is not None)
             if status[(s, k)][0] == "trained":
                 _record_time(args.out, f"{s}/seed{k}", status[(s, k)][1])
 

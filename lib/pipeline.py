@@ -24,9 +24,9 @@ from lib.data import DataError
 from lib.distribute import distribute_dataset, is_chief, make_strategy
 from lib.losses import check_kd_classes
 from lib.runtime import get_logger, setup_runtime
-from lib.train import (CONFIG_FILE, LOG_FILE, NETWORK_KEYS, Trainer, TrainingError,
-                       check_output, config_differences, first_batch, kd_weight,
-                       latest_step, model_variables, start_output)
+from lib.train import (CONFIG_FILE, LOG_FILE, Trainer, TrainingError, check_output,
+                       first_batch, kd_weight, latest_step, model_variables,
+                       network_differences, start_output)
 
 MODALITY_LISTS = {"mr": ("SOURCE_TRAIN_LIST", "SOURCE_VAL_LIST", "SOURCE_TEST_LIST"),
                   "ct": ("TARGET_TRAIN_LIST", "TARGET_VAL_LIST", "TARGET_TEST_LIST")}
@@ -66,7 +66,7 @@ def _restore_for_test(model, config: dict, prefix: str | None, output_path: str,
                           f"(no {os.path.basename(prefix)}.index)")
     saved_cfg = os.path.join(os.path.dirname(os.path.dirname(prefix)), CONFIG_FILE)
     if os.path.exists(saved_cfg):
-        diffs = config_differences(load_config(saved_cfg), config, NETWORK_KEYS)
+        diffs = network_differences(load_config(saved_cfg), config)
         if diffs:
             raise ConfigError(f"TEST_MODEL: {prefix} was saved with another network: "
                               + "; ".join(diffs))

@@ -99,18 +99,20 @@ def make_optimizer(config: dict, model) -> keras.optimizers.Optimizer:
 
 
 def config_differences(saved: dict, config: dict, keys=None) -> list[str]:
-    """Human-readable differences between two configurations (all keys or ``keys``)."""
-    names = keys if keys is not None else sorted(set(saved) | set(config))
-    diffs = []
-    for key in names:
-        if keys is None and key in RESUMABLE_KEYS:
-            continue
-        before, now = saved.get(key, LATER_KEYS.get(key)), config.get(key)
-        same = (_NETWORK_VALUE[key](before) == _NETWORK_VALUE[key](now)
-                if keys is not None and key in _NETWORK_VALUE else before == now)
-        if not same:
-            diffs.append(f"{key}={before!r} there, {now!r} now")
-    return diffs
+    """Human-readable differences between two configurations: of ``keys``, or of every key
+    but RESUMABLE_KEYS."""
+    names = keys if keys is not None else sorted((set(saved) | set(config)) - RESUMABLE_KEYS)
+    return [f"{key}={saved.get(key, LATER_KEYS.get(key))!r} there, {config.get(key)!r} now"
+            for key in names if saved.get(key, LATER_KEYS.get(key)) != config.get(key)]
+
+
+def network_differences(saved: dict, config: dict) -> list[str]:
+    """The NETWORK_KEYS differences that make a checkpoint not fit (DROPOUT: on or off)."""
+    plain = [k for k in NETWORK_KEYS if k not in _NETWORK_VALUE]
+    return config_differences(saved, config, plain) + [
+        f"{key}={saved.get(key)!r} there, {config.get(key)!r} now"
+        for key, value in _NETWORK_VALUE.items()
+        if value(saved.get(key)) != value(config.get(key))]
 
 
 class Trainer:
@@ -486,7 +488,7 @@ def check_output(config: dict, output_path: str) -> str:
         raise ConfigError(f"{output_path}: holds a run of a different configuration ("
                           + "; ".join(diffs) + "); set --resume=true to continue it or "
                           "--start_over=true to move it aside and start again")
-    net = config_differences(saved, config, NETWORK_KEYS)
+    net = network_differences(saved, config)
     if net:
         raise ConfigError(f"{output_path}: cannot resume a different network ("
                           + "; ".join(net) + "); set --start_over=true or use another "

@@ -214,3 +214,22 @@ def test_a_run_trained_past_num_steps_is_started_over(tmp_path):
     assert compare.trained_beyond(config) == 10
     assert compare.trained_beyond({**config, "NUM_STEPS": 10}) is None
     assert compare.trained_beyond({**config, "OUTPUT_PATH": str(tmp_path / "new")}) is None
+
+
+def test_reused_results_need_the_same_test_settings_and_retraining_the_same_training(tmp_path):
+    run = tmp_path / "run"
+    (run / "results").mkdir(parents=True)
+    (run / "results" / "metrics.json").write_text("{}")
+    saved = {"OUTPUT_PATH": str(run), "NUM_STEPS": 4, "LEARNING_RATE": 1e-3,
+             "TARGET_TEST_LIST": "a.txt", "NPZ_FLIP": True, "PROGRESS": False}
+    (run / "config.json").write_text(json.dumps(saved))
+    assert compare.is_done(dict(saved)) == (True, "results exist")
+    assert compare.is_done({**saved, "PROGRESS": True})[0]  # bookkeeping only
+    for change in ({"TARGET_TEST_LIST": "b.txt"}, {"NPZ_FLIP": False}, {"NUM_STEPS": 5},
+                   {"LEARNING_RATE": 1e-2}):
+        done, why = compare.is_done({**saved, **change})
+        assert not done and next(iter(change)) in why
+    # other test settings: tested again on the trained run; other training: started over
+    assert compare.trained_otherwise({**saved, "TARGET_TEST_LIST": "b.txt"}) is None
+    assert "LEARNING_RATE=0.001 there, 0.01 now" in compare.trained_otherwise(
+        {**saved, "LEARNING_RATE": 1e-2})
