@@ -280,6 +280,7 @@ class Trainer:
                             images, labels = next(train_iter)
                     except tf.errors.OpError as err:
                         raise TrainingError(_data_error(err, self.step)) from None
+                    before = self.step
                     terms = self.train_step(images, labels)
                     step = self.step
                     total = float(terms["total"])
@@ -287,6 +288,11 @@ class Trainer:
                         raise TrainingError(
                             f"step {step}: the loss is {total}; stopped. Checkpoints written "
                             f"before this step are intact in {self.manager.directory}")
+                    if step == before:
+                        # fp16: the loss scaler met non-finite gradients and skipped the
+                        # update (lowering its scale); the step is taken again, not logged
+                        interrupt.check()
+                        continue
                     record = None
                     if step % summary_every == 0 or step == num_steps:
                         record = self._summaries(writers["train"], step, terms, "train")

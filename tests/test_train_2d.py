@@ -93,3 +93,43 @@ def test_settings_that_cannot_work_exit_2_before_writing(tiny_data, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
     assert not os.path.exists(out)
+
+
+def test_fp16_steps_skipped_by_the_loss_scaler_are_not_logged_or_saved(tmp_path):
+    """An overflowing loss scale makes the optimizer skip updates (the step does not
+    advance): those batches are neither logged nor checkpointed, and training goes on."""
+    import keras
+    import numpy as np
+
+    from lib.train import Trainer
+    from model_2d import build_model
+
+    cfg = dict(N_CLASS=3, FEATURE_BASE=2, SCHEME="ummkd", DROPOUT=0.0, SEED=0,
+               PRECISION="fp16", MIU_SEG_DICE=1.0, MIU_SEG_CE=1.0, MIU_KD=0.5,
+               MIU_SEG_L2_NORM=1e-4, KD_TEMPERATURE=2.0, LEARNING_RATE=1e-3,
+               LR_DECAY_STEPS=100, LR_DECAY=0.95, NUM_STEPS=3, DISPLAY_STEP=100,
+               CHECKPOINT_SPACE=1, SUMMARY_STEP=1, PROGRESS=False)
+    rng = np.random.default_rng(0)
+
+    def batches():
+        while True:
+            yield ({m: tf.constant(rng.normal(size=[2, 16, 16, 3]), tf.float32)
+                    for m in ("mr", "ct")},
+                   {m: tf.constant(rng.integers(0, 3, [2, 16, 16]), tf.int32)
+                    for m in ("mr", "ct")})
+
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    try:
+        out = str(tmp_path / "run")
+        trainer = Trainer(cfg, build_model(cfg), out)
+        trainer.optimizer.dynamic_scale.assign(1e36)  # the first updates overflow
+        trainer.fit(batches())
+        assert trainer.step == 3
+        assert float(trainer.optimizer.dynamic_scale.numpy()) < 1e36  # updates were skipped
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    steps = [json.loads(line)["step"] for line in open(os.path.join(out, "log.jsonl"))]
+    assert steps == [1, 2, 3]
+    saved = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "checkpoints",
+                                                                      "model-*.index")))
+    assert saved == ["model-1.index", "model-2.index", "model-3.index"]
