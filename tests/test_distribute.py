@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-TIMEOUT = 120  # seconds for any child process; a hung collective must not hang the suite
+TIMEOUT = 300  # seconds for any child process; a hung collective must not hang the suite
 
 # Tiny networks with the distillation term on, synchronised BN, no dropout (per-replica BN
 # statistics and dropout masks legitimately differ between 1 and 2 replicas), float32.
