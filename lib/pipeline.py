@@ -86,15 +86,14 @@ POSITIVE_KEYS = ("BATCH_SIZE", "CHECKPOINT_SPACE", "DISPLAY_STEP", "SUMMARY_STEP
 
 def check_settings(config: dict) -> None:
     """Values that parse but cannot work: one ConfigError, before anything is written."""
-    from lib.runtime import PRECISIONS
-    from lib.schemes import SCHEMES
+    from lib.runtime import resolve_precision
+    from lib.schemes import get_scheme
 
-    if config.get("PRECISION", "fp32") not in PRECISIONS:
-        raise ConfigError(f"PRECISION: expected one of {', '.join(PRECISIONS)}, got "
-                          f"{config['PRECISION']!r}")
-    if config["SCHEME"] not in SCHEMES:
-        raise ConfigError(f"SCHEME: expected one of {', '.join(SCHEMES)}, got "
-                          f"{config['SCHEME']!r}")
+    try:  # their own checks, as one-line errors
+        resolve_precision(config.get("PRECISION", "fp32"))
+        get_scheme(config["SCHEME"])
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     for key in POSITIVE_KEYS:
         if key in config and config[key] is not None and config[key] < 1:
             raise ConfigError(f"{key}: expected an integer >= 1, got {config[key]!r}")

@@ -50,11 +50,9 @@ RESUMABLE_KEYS = {"PHASE", "NUM_STEPS", "TEST_MODEL", "TENSORBOARD_PORT", "DISPL
                   "RESUME", "START_OVER", "CHECK_DATA", "PROGRESS", "NPZ_FLIP",
                   "DATASET_JSON_SOURCE", "DATASET_JSON_TARGET", "SOURCE_VAL_LIST",
                   "TARGET_VAL_LIST", "OUTPUT_PATH", "DISTRIBUTE", "CPU_DEVICES"}
-# Settings that define the network: a checkpoint only fits a network with the same ones.
-# For DROPOUT only whether it is on counts: a dropout layer owns a seed-generator variable,
-# and checkpoints list the variables by position.
-NETWORK_KEYS = ("NETWORK", "N_CLASS", "FEATURE_BASE", "SCHEME", "DROPOUT")
-_NETWORK_VALUE = {"DROPOUT": lambda rate: "on" if rate else "off"}
+# Settings that define the network: a checkpoint only fits a network with the same ones
+# (and with dropout on or off alike: see network_differences).
+NETWORK_KEYS = ("NETWORK", "N_CLASS", "FEATURE_BASE", "SCHEME")
 
 
 def model_variables(model) -> dict:
@@ -107,12 +105,13 @@ def config_differences(saved: dict, config: dict, keys=None) -> list[str]:
 
 
 def network_differences(saved: dict, config: dict) -> list[str]:
-    """The NETWORK_KEYS differences that make a checkpoint not fit (DROPOUT: on or off)."""
-    plain = [k for k in NETWORK_KEYS if k not in _NETWORK_VALUE]
-    return config_differences(saved, config, plain) + [
-        f"{key}={saved.get(key)!r} there, {config.get(key)!r} now"
-        for key, value in _NETWORK_VALUE.items()
-        if value(saved.get(key)) != value(config.get(key))]
+    """The differences that make a checkpoint not fit: NETWORK_KEYS, and DROPOUT switched on
+    or off (a dropout layer owns a seed-generator variable, and checkpoints list the
+    variables by position); another dropout rate is the same network."""
+    diffs = config_differences(saved, config, NETWORK_KEYS)
+    if bool(saved.get("DROPOUT")) != bool(config.get("DROPOUT")):
+        diffs.append(f"DROPOUT={saved.get('DROPOUT')!r} there, {config.get('DROPOUT')!r} now")
+    return diffs
 
 
 class Trainer:
@@ -268,7 +267,7 @@ class Trainer:
             if dropped:
                 self.logger.info(f"{LOG_FILE}: dropped {dropped} line(s) of steps after the "
                                  f"restored step {start}; they are trained again")
-        t0, last = time.time(), None
+        t0, last, last_step = time.time(), None, start
         try:
             with (open(log_path, "a", encoding="utf-8") if self.chief
                   else contextlib.nullcontext(_NoLog())) as log_file, interrupt.deferred():
@@ -280,7 +279,6 @@ class Trainer:
                             images, labels = next(train_iter)
                     except tf.errors.OpError as err:
                         raise TrainingError(_data_error(err, self.step)) from None
-                    before = self.step
                     terms = self.train_step(images, labels)
                     step = self.step
                     total = float(terms["total"])
@@ -288,11 +286,12 @@ class Trainer:
                         raise TrainingError(
                             f"step {step}: the loss is {total}; stopped. Checkpoints written "
                             f"before this step are intact in {self.manager.directory}")
-                    if step == before:
+                    if step == last_step:
                         # fp16: the loss scaler met non-finite gradients and skipped the
                         # update (lowering its scale); the step is taken again, not logged
                         interrupt.check()
                         continue
+                    last_step = step
                     record = None
                     if step % summary_every == 0 or step == num_steps:
                         record = self._summaries(writers["train"], step, terms, "train")

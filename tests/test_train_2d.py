@@ -80,7 +80,7 @@ def test_unknown_setting_exits_2(capsys):
 
 @pytest.mark.parametrize("arg, message", [
     ("--precision=fp8", "PRECISION: expected one of auto, fp32, bf16, fp16, got 'fp8'"),
-    ("--scheme=Ummkd", "SCHEME: expected one of"),
+    ("--scheme=Ummkd", "SCHEME: unknown scheme 'Ummkd'; expected one of ummkd"),
     ("--checkpoint_space=0", "CHECKPOINT_SPACE: expected an integer >= 1, got 0"),
     ("--display_step=0", "DISPLAY_STEP: expected an integer >= 1, got 0"),
     ("--summary_step=-1", "SUMMARY_STEP: expected an integer >= 1, got -1"),
