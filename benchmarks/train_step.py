@@ -11,6 +11,12 @@ process reaches, right before the timing, on large dense work of the same precis
 maximum over (a) a 4096x4096x4096 matrix product and (b) a 3x3 convolution of
 [8, 64, 64, 256] -> 256 channels, each run 5 times after a warm-up, best run taken.
 ``mfu`` = achieved_tflops / peak_tflops.
+
+How close to the machine's limit: ``conv_only_s`` is what the step would take if it did
+nothing but its convolutions, each timed alone at the rate its kernels reach on its shapes
+(conv_only_seconds); ``conv_only_mfu`` is the MFU of that floor, and ``conv_share`` =
+conv_only_s / step_time_s_median is the part of the step the convolutions account for
+(an estimate: in the step, ops of both kinds share the cores).
 """
 from __future__ import annotations
 
@@ -37,24 +43,58 @@ from lib.runtime import setup_runtime  # noqa: E402
 DTYPES = {"fp32": tf.float32, "bf16": tf.bfloat16, "fp16": tf.float16}
 
 
-def conv_flops(model, x, modalities=MODALITIES) -> float:
-    """FLOPs (2 x MACs) of every convolution in one forward pass of ``x``."""
-    total = [0.0]
+def network_convolutions(model, x, modalities=MODALITIES) -> list:
+    """(ModalityConv, its Keras branch, input tensor, FLOPs) of every convolution that one
+    forward pass of ``x`` computes; FLOPs are 2 x multiply-adds."""
+    calls = []
     original = ModalityConv._apply
 
-    def counting(self, layer, inp, training):
+    def recording(self, layer, inp, training):
         out = original(self, layer, inp, training)
         k = np.prod(layer.kernel.shape)
         spatial = inp.shape[1:-1] if self.transpose else out.shape[1:-1]
-        total[0] += 2.0 * float(inp.shape[0]) * float(np.prod(spatial)) * float(k)
+        calls.append((self, layer, inp,
+                      2.0 * float(inp.shape[0]) * float(np.prod(spatial)) * float(k)))
         return out
 
-    ModalityConv._apply = counting
+    ModalityConv._apply = recording
     try:
         model(x, modalities=modalities, training=False)
     finally:
         ModalityConv._apply = original
-    return total[0]
+    return calls
+
+
+def conv_flops(model, x, modalities=MODALITIES) -> float:
+    """FLOPs (2 x MACs) of every convolution in one forward pass of ``x``."""
+    return sum(flops for *_, flops in network_convolutions(model, x, modalities))
+
+
+def conv_only_seconds(calls) -> float:
+    """Seconds a training step spends if it did nothing but its convolutions.
+
+    Each convolution of ``calls`` (network_convolutions) is timed alone, as the step
+    computes it (the layer's own code: kernel cast, forward, input and kernel gradients),
+    on its real input shape with a random output gradient; best of 5 runs after a warm-up,
+    summed over the layers. Everything else the step does (batch norm, LeakyReLU, dropout,
+    losses, optimizer) is left out, so this is the step time's floor at the rates the
+    convolution kernels reach on these shapes.
+    """
+    total = 0.0
+    for conv, layer, inp, _ in calls:
+        x = tf.random.normal(inp.shape, dtype=tf.float32)
+        x = tf.cast(x, inp.dtype)
+
+        @tf.function
+        def forward_backward(x=x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = conv._apply(layer, x, True)
+            dy = tf.ones_like(y)
+            return tape.gradient(y, [x, layer.kernel], output_gradients=dy)
+
+        total += _best_time(lambda: [g.numpy() for g in forward_backward()])
+    return total
 
 
 def _best_time(fn, reps=5):
@@ -112,7 +152,8 @@ def run(args) -> dict:
     labels = {m: tf.constant(rng.integers(0, args.n_class, [b] + shape[:-1]), tf.int32)
               for m in MODALITIES}
     x = tf.concat([images[m] for m in MODALITIES], 0)
-    flops = 3 * conv_flops(model, x)
+    calls = network_convolutions(model, x)
+    flops = 3 * sum(f for *_, f in calls)
     for _ in range(args.warmup):
         float(trainer.train_step(images, labels)["total"])
     times = []
@@ -122,6 +163,7 @@ def run(args) -> dict:
         times.append(time.perf_counter() - t)
     trainer.close()
     shutil.rmtree(workdir, ignore_errors=True)
+    conv_only = conv_only_seconds(calls)
     median = statistics.median(times)
     achieved = flops / median / 1e12
     out = {"model": args.model, "batch_size": b, "feature_base": args.feature_base,
@@ -129,6 +171,8 @@ def run(args) -> dict:
            "step_time_s_median": median, "step_time_s_min": min(times),
            "images_per_s": 2 * b / median, "gflop_per_step": flops / 1e9,
            "achieved_tflops": achieved, **peak, "mfu": achieved / peak["peak_tflops"],
+           "conv_only_s": conv_only, "conv_only_mfu": flops / conv_only / 1e12 /
+           peak["peak_tflops"], "conv_share": conv_only / median,
            "traces": trainer.traces, "cpu": _cpu_name(), "threads": os.cpu_count()}
     if args.model == "2d":
         out["image_size"] = args.image_size

@@ -15,7 +15,8 @@ from lib.layers import conv_kernels
 
 TRAIN_KEYS = {"model", "batch_size", "feature_base", "precision", "xla", "steps",
               "step_time_s_median", "step_time_s_min", "images_per_s", "gflop_per_step",
-              "achieved_tflops", "peak_tflops", "mfu"}
+              "achieved_tflops", "peak_tflops", "mfu", "conv_only_s", "conv_only_mfu",
+              "conv_share"}
 
 
 def bench(script, *args):
@@ -47,6 +48,10 @@ def test_train_step_benchmark_2d_json_and_flop_count():
     macs += 4 * k * 32 * f * 64 * 8 * 5 + 256 * 25 * 40 * 5
     assert r["gflop_per_step"] == pytest.approx(3 * 2 * 2 * macs / 1e9, rel=1e-9)
     assert r["mfu"] == pytest.approx(r["achieved_tflops"] / r["peak_tflops"])
+    assert r["conv_only_s"] > 0
+    assert r["conv_share"] == pytest.approx(r["conv_only_s"] / r["step_time_s_median"])
+    assert r["conv_only_mfu"] == pytest.approx(
+        r["gflop_per_step"] / 1e3 / r["conv_only_s"] / r["peak_tflops"])
 
 
 def test_train_step_benchmark_3d_json():

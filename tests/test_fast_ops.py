@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from lib.layers import (ModalityBatchNorm, ModalityConv, byte_dropout, convolution,
-                        filter_gradient_matmul, filter_gradient_slices,
+                        filter_gradient_matmul, filter_gradient_slices, leaky_relu,
                         transposed_convolution)
 from lib.optim import FusedAdam
 
@@ -124,6 +124,33 @@ def test_byte_dropout_rate_values_and_seed():
     odd = tf.ones([3, 5, 7], tf.bfloat16)  # element count not a multiple of 4
     assert byte_dropout(odd, 0.5, tf.constant([0, 0])).shape == (3, 5, 7)
     assert byte_dropout(x, 0.0, tf.constant([0, 0])) is x
+
+
+@pytest.mark.parametrize("dtype", [tf.bfloat16, tf.float16, tf.float32])
+def test_leaky_relu_by_hand_and_equal_to_tensorflows(dtype):
+    """Values x for x > 0 else 0.2 x, gradient 1 else 0.2 (0.2 at 0, as TensorFlow's op),
+    bit for bit the same as tf.nn.leaky_relu in every precision."""
+    x = tf.constant([-2.0, -0.5, 0.0, 0.5, 3.0], dtype)
+    slope = float(tf.cast(tf.constant(0.2, dtype), tf.float64))  # 0.2 as the dtype holds it
+    upstream = tf.constant([1.0, 2.0, 4.0, 1.0, 2.0], dtype)
+
+    def value_and_grad(fn):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = fn(x, 0.2)
+        return y, tape.gradient(y, x, output_gradients=upstream)
+
+    y, g = value_and_grad(leaky_relu)
+    expect = tf.cast(tf.constant([-2.0 * slope, -0.5 * slope, 0.0, 0.5, 3.0]), dtype)
+    np.testing.assert_array_equal(y.numpy(), expect.numpy())
+    expect_g = tf.cast(tf.constant([slope, 2 * slope, 4 * slope, 1.0, 2.0]), dtype)
+    np.testing.assert_array_equal(g.numpy(), expect_g.numpy())
+    y_tf, g_tf = value_and_grad(tf.nn.leaky_relu)
+    big = tf.constant(RNG.normal(size=[64, 33]), dtype)
+    np.testing.assert_array_equal(y.numpy(), y_tf.numpy())
+    np.testing.assert_array_equal(g.numpy(), g_tf.numpy())
+    np.testing.assert_array_equal(leaky_relu(big, 0.2).numpy(),
+                                  tf.nn.leaky_relu(big, 0.2).numpy())
 
 
 def test_fused_adam_equals_keras_adam():
