@@ -114,13 +114,6 @@ def run_dir(out: str, scheme: str, seed: int) -> str:
     return os.path.join(out, scheme, f"seed{seed}")
 
 
-# Settings that do not change a run's results: everything else must match for its results
-# to be reused (the test lists and test-time settings too).
-BOOKKEEPING = {"PHASE", "TENSORBOARD_PORT", "DISPLAY_STEP", "CHECKPOINT_SPACE", "SUMMARY_STEP",
-               "KEEP_CHECKPOINTS", "PROGRESS", "RESUME", "START_OVER", "CHECK_DATA",
-               "OUTPUT_PATH", "TEST_MODEL", "TEST_BATCH", "PRESET", "CPU_DEVICES"}
-
-
 def _saved_config(config: dict) -> dict | None:
     from lib.train import CONFIG_FILE
 
@@ -130,15 +123,16 @@ def _saved_config(config: dict) -> dict | None:
 
 def is_done(config: dict) -> tuple[bool, str]:
     """Whether the run of ``config`` already has results made with the same settings."""
-    from lib.train import config_differences
+    from lib.train import BOOKKEEPING_KEYS, config_differences
 
     if not os.path.isfile(os.path.join(config["OUTPUT_PATH"], "results", "metrics.json")):
         return False, "no results yet"
     saved = _saved_config(config)
     if saved is None:
         return True, "results exist"
+    # everything but bookkeeping must match: the test lists and test-time settings too
     diffs = config_differences(saved, config,
-                               sorted((set(saved) | set(config)) - BOOKKEEPING))
+                               sorted((set(saved) | set(config)) - BOOKKEEPING_KEYS))
     if diffs:
         return False, "results of other settings (" + "; ".join(diffs) + ")"
     return True, "results exist"

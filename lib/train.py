@@ -43,13 +43,16 @@ CONFIG_FILE = "config.json"
 LOG_FILE = "log.jsonl"
 # Settings added after runs were saved: a saved config without one had this value.
 LATER_KEYS = {"KD_CLASSES": "all"}
+# Settings that change neither what a run trains nor what its test reports.
+BOOKKEEPING_KEYS = {"PHASE", "TENSORBOARD_PORT", "DISPLAY_STEP", "CHECKPOINT_SPACE",
+                    "SUMMARY_STEP", "KEEP_CHECKPOINTS", "PROGRESS", "RESUME", "START_OVER",
+                    "CHECK_DATA", "OUTPUT_PATH", "TEST_MODEL", "TEST_BATCH", "PRESET",
+                    "CPU_DEVICES"}
 # Settings that may change between a run and its resumption without changing the run.
-RESUMABLE_KEYS = {"PHASE", "NUM_STEPS", "TEST_MODEL", "TENSORBOARD_PORT", "DISPLAY_STEP",
-                  "CHECKPOINT_SPACE", "SUMMARY_STEP", "KEEP_CHECKPOINTS", "PRESET",
-                  "SOURCE_TEST_LIST", "TARGET_TEST_LIST", "TEST_BATCH", "TEST_STRIDE",
-                  "RESUME", "START_OVER", "CHECK_DATA", "PROGRESS", "NPZ_FLIP",
-                  "DATASET_JSON_SOURCE", "DATASET_JSON_TARGET", "SOURCE_VAL_LIST",
-                  "TARGET_VAL_LIST", "OUTPUT_PATH", "DISTRIBUTE", "CPU_DEVICES"}
+RESUMABLE_KEYS = BOOKKEEPING_KEYS | {
+    "NUM_STEPS", "SOURCE_TEST_LIST", "TARGET_TEST_LIST", "TEST_STRIDE", "NPZ_FLIP",
+    "DATASET_JSON_SOURCE", "DATASET_JSON_TARGET", "SOURCE_VAL_LIST", "TARGET_VAL_LIST",
+    "DISTRIBUTE"}
 # Settings that define the network: a checkpoint only fits a network with the same ones
 # (and with dropout on or off alike: see network_differences).
 NETWORK_KEYS = ("NETWORK", "N_CLASS", "FEATURE_BASE", "SCHEME")

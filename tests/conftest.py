@@ -61,6 +61,16 @@ def write_tiny_dataset(root, size=16, depth=6, n_class=3, n_train=2, n_test=1, s
     return lists
 
 
+def show_dropout(unit) -> None:
+    """Set a built 2D dropout ConvUnit (4 channels) so that its output is zero exactly where
+    dropout dropped: BN(ones) = beta = 1, LeakyReLU keeps it, a kernel of ones makes it
+    positive. Its output on ones then shows the dropout mask."""
+    import tensorflow as tf
+
+    unit.conv.branches["shared"].kernel.assign(tf.ones([3, 3, 4, 4]))
+    unit.bn.beta.assign(tf.ones_like(unit.bn.beta))
+
+
 def tiny_overrides(lists, output, **extra):
     """Command-line overrides for main_combine.py on a tiny dataset."""
     args = {"preset": "custom", "output_path": output, "image_size": 16, "n_class": 3,

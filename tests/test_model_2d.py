@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from lib.layers import ConvUnit, ModalityBatchNorm, ModalityConv, bn_layers, conv_kernels
+from conftest import show_dropout
 from model_2d import DilatedResNet2D, ResidualBlock
 
 
@@ -146,13 +147,13 @@ def test_seeded_model_gives_every_kernel_its_own_start(scheme):
 
 
 def test_dropout_masks_differ_between_layers():
-    """(Between replicas: tests/test_distribute.py.)"""
+    """The two units of a seeded residual block drop different elements (with one seed for
+    both they dropped the same). Between replicas: tests/test_distribute.py."""
     x = tf.ones([2, 8, 8, 4])
-    units = [ConvUnit(4, 3, dropout=0.25, seed=s) for s in (11, 12)]
+    block = ResidualBlock(4, seed=0)
+    block.build(x.shape)
+    units = [block.unit1, block.unit2]
     for unit in units:
-        unit.build(x.shape)
-        # BN(ones) = beta = 1, LeakyReLU keeps it, a kernel of ones makes it positive
-        unit.conv.branches["shared"].kernel.assign(tf.ones([3, 3, 4, 4]))
-        unit.bn.beta.assign(tf.ones_like(unit.bn.beta))
+        show_dropout(unit)
     kept = [unit(x, training=True).numpy() != 0 for unit in units]
     assert 0.6 < kept[0].mean() < 0.9 and not np.array_equal(kept[0], kept[1])
