@@ -128,10 +128,9 @@ class DilatedResNet2D(keras.Model):
         self.g9 = [ConvUnit(32 * f, 3, seed=seeds(), **unit),
                    ConvUnit(32 * f, 3, seed=seeds(), **unit)]
         up_channels = DOWNSAMPLING * DOWNSAMPLING * DOWNSAMPLING * self.n_class
-        # Wide layer on a small image: its kernel gradient is faster as one matmul.
         self.g10_conv = ModalityConv(up_channels, 3, rank=2, padding="valid",
                                      shared=sch.conv_shared("last"), modalities=modalities,
-                                     seed=seeds(), filter_grad="matmul", name="g10_conv")
+                                     seed=seeds(), name="g10_conv")
         self.g10_bn = ModalityBatchNorm(shared=sch.bn_shared("last"), modalities=modalities,
                                         activation_slope=0.2, synchronized=sync_bn,
                                         name="g10_bn")

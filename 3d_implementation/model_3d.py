@@ -20,6 +20,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from lib.fast_ops import active_plan
 from lib.layers import MODALITIES, ConvUnit, ModalityConv, seed_sequence
 from lib.schemes import get_scheme
 
@@ -32,23 +33,20 @@ class UNet3D(keras.Model):
 
     def __init__(self, n_class: int = 5, feature_base: int = 16, scheme: str = "ummkd",
                  modalities=MODALITIES, seed=None, sync_bn: bool = False,
-                 depth_first: bool = True, **kwargs):
+                 depth_first: bool | None = None, **kwargs):
         super().__init__(**kwargs)
         self.n_class, self.feature_base, self.scheme = int(n_class), int(feature_base), scheme
         self.modalities, self.seed, self.sync_bn = tuple(modalities), seed, bool(sync_bn)
-        self.depth_first = bool(depth_first)
+        # The layout the device's plan computes in (lib.fast_ops.OpPlan.depth_first_3d;
+        # None: as the plan says). Kernels keep Keras' order: same weights either way.
+        self.depth_first = (active_plan().depth_first_3d if depth_first is None
+                            else bool(depth_first))
         sch = get_scheme(scheme)
         f = self.feature_base
-        # Depth-first inside ([B, D, H, W, C]), so that the kernel gradients can be taken one
-        # depth offset at a time on the depth-folded tensors without copies: oneDNN's 3D
-        # kernel-gradient op was the largest cost of the training step on the CPU
-        # (lib.layers.filter_gradient_slices, README). Same weights, same results.
-        fast = dict(depth_first=True, filter_grad="slices") if depth_first else {}
-
         seeds = seed_sequence(seed)  # one per layer, in creation order
 
         def unit(filters, kernel, stage, **kw):
-            return ConvUnit(filters, kernel, rank=3, preact=False, **fast,
+            return ConvUnit(filters, kernel, rank=3, preact=False, depth_first=self.depth_first,
                             conv_shared=sch.conv_shared(stage), bn_shared=sch.bn_shared(stage),
                             modalities=modalities, seed=seeds(), sync_bn=sync_bn, **kw)
 
@@ -98,7 +96,7 @@ class UNet3D(keras.Model):
     def get_config(self):
         return dict(n_class=self.n_class, feature_base=self.feature_base, scheme=self.scheme,
                     modalities=list(self.modalities), seed=self.seed, sync_bn=self.sync_bn,
-                    depth_first=self.depth_first, name=self.name)
+                    name=self.name)
 
 
 def build_model(config: dict) -> UNet3D:

@@ -20,6 +20,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "3d_implementation"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import lib  # noqa: E402,F401  first: it sets the oneDNN default before TensorFlow loads
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 

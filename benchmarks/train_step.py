@@ -21,6 +21,7 @@ conv_only_s / step_time_s_median is the part of the step the convolutions accoun
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -34,9 +35,11 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "3d_implementation"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import lib  # noqa: E402,F401  first: it sets the oneDNN default before TensorFlow loads
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from lib import fast_ops  # noqa: E402
 from lib.layers import MODALITIES, ModalityConv  # noqa: E402
 from lib.runtime import setup_runtime  # noqa: E402
 
@@ -138,6 +141,14 @@ def run(args) -> dict:
                   CHECKPOINT_SPACE=10 ** 9, DISPLAY_STEP=10 ** 9, NUM_STEPS=10 ** 9,
                   XLA=args.xla)
     precision = setup_runtime(config)
+    plan = fast_ops.active_plan()
+    if args.plan:  # --plan=field=value,...: measure another path on this device
+        plan = dataclasses.replace(plan, **dict(_plan_value(item) for item in args.plan))
+    with fast_ops.use_plan(plan):
+        return _timed(args, config, precision, plan)
+
+
+def _timed(args, config, precision, plan) -> dict:
     peak = peak_tflops(precision)
     model, shape = build(args, config)
     from lib.train import Trainer
@@ -171,12 +182,21 @@ def run(args) -> dict:
            "achieved_tflops": achieved, **peak, "mfu": achieved / peak["peak_tflops"],
            "conv_only_s": conv_only, "conv_only_mfu": flops / conv_only / 1e12 /
            peak["peak_tflops"], "conv_share": conv_only / median,
-           "traces": trainer.traces, "cpu": _cpu_name(), "threads": os.cpu_count()}
+           "traces": trainer.traces, "cpu": _cpu_name(), "threads": os.cpu_count(),
+           "onednn": fast_ops.onednn_enabled(), "plan": dataclasses.asdict(plan)}
     if args.model == "2d":
         out["image_size"] = args.image_size
     else:
         out["patch"] = list(args.patch)
     return out
+
+
+def _plan_value(item: str):
+    """"field=value" of an OpPlan field, the value as the field's type."""
+    key, _, value = item.partition("=")
+    if key == "depth_first_3d":
+        return key, value.lower() in ("1", "true", "yes")
+    return key, value
 
 
 class _Quiet:
@@ -209,6 +229,9 @@ def parse(argv=None):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--xla", action="store_true", help="compile the step with XLA")
+    p.add_argument("--plan", type=lambda s: [v for v in s.split(",") if v], default=[],
+                   help="OpPlan fields to change, e.g. dilated_conv=space_to_batch,"
+                        "wide_kernel_grad=native (lib/fast_ops.py)")
     return p.parse_args(argv)
 
 

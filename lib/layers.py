@@ -23,6 +23,8 @@ import zlib
 import keras
 import tensorflow as tf
 
+from lib.fast_ops import convolution, dropout, leaky_relu, per_axis, transposed_convolution
+
 MODALITIES = ("mr", "ct")  # source first, target second, as in the original code
 KERNEL_STDDEV = 0.01
 
@@ -102,221 +104,6 @@ class PerModality(keras.layers.Layer):
         config = super().get_config()
         config.update(shared=self.shared, modalities=list(self.modalities))
         return config
-
-
-def _per_axis(value, rank: int) -> tuple:
-    return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * rank
-
-
-def _same_padding(size: int, kernel: int, stride: int = 1, dilation: int = 1) -> list:
-    """[before, after] of TensorFlow's "same" padding along one axis."""
-    span = dilation * (kernel - 1) + 1
-    total = max((-(-size // stride) - 1) * stride + span - size, 0)
-    return [total // 2, total - total // 2]
-
-
-def filter_gradient_matmul(x, dy, kernel_shape, dilation, padding: str):
-    """Kernel gradient of a stride-1 convolution as one matrix product per kernel offset.
-
-    x [B, *S_in, Cin], dy [B, *S_out, Cout] -> [*K, Cin, Cout]. Offset k of the kernel gets
-    x's window at k, channels first and flattened, [Cin, B*prod(S_out)], times dy
-    [B*prod(S_out), Cout]. For a wide layer on a small image (the 2D network's 512 -> 2560
-    upsampling convolution on 16x16) oneDNN's own kernel-gradient op ran at a quarter of
-    its forward speed on this CPU; this took 2.3x less time than that op, and 1.4x less than
-    a single im2col product with the windows stacked along the channels (README,
-    Performance).
-    """
-    kernel_size, (cin, cout) = tuple(kernel_shape[:-2]), kernel_shape[-2:]
-    rank = len(kernel_size)
-    if padding == "same":
-        x = tf.pad(x, [[0, 0]] + [_same_padding(n, k, 1, d) for n, k, d in zip(
-            x.shape[1:-1], kernel_size, dilation)] + [[0, 0]])
-    out_size = list(dy.shape[1:-1])
-    x = tf.transpose(x, [rank + 1] + list(range(rank + 1)))  # [Cin, B, *S_in]
-    dy = tf.reshape(dy, [-1, cout])
-    per_offset = [
-        tf.matmul(tf.reshape(tf.slice(x, [0, 0] + [o * d for o, d in zip(offset, dilation)],
-                                      [-1, -1] + out_size), [cin, -1]), dy)
-        for offset in itertools.product(*[range(k) for k in kernel_size])]
-    return tf.reshape(tf.stack(per_offset), list(kernel_size) + [cin, cout])
-
-
-def filter_gradient_slices(x, dy, kernel_shape, strides=1, padding: str = "same"):
-    """Kernel gradient of a 3D convolution as 2D kernel gradients, one per offset along the
-    first spatial axis.
-
-    x [B, S1, S2, S3, Cin], dy [B, S1', S2', S3', Cout] -> [k1, k2, k3, Cin, Cout], for the
-    forward op conv3d(x, kernel, strides, padding) (no dilation). The first spatial axis is
-    folded into the batch. At stride 1, kernel offset e pairs input row r + e - p (p: the
-    padding before) with output row r: with the batch size known, each example's valid
-    rows are taken as slices along the leading axis of the folded tensors, which
-    TensorFlow does without a copy, and the examples' gradients are added. With a stride
-    along S1, or a batch size known only at run time, the input rows of each offset are
-    gathered from the padded input (copies). The 3D network runs depth-first,
-    [B, D, H, W, C], so the folded axis is its short depth axis. On this CPU oneDNN's 3D
-    kernel-gradient op ran at 2-8x its forward time on the U-Net's layers; this took 1.2-4x
-    less, and the per-example slices another 20-28% less than padded copies (README,
-    Performance).
-    """
-    k1, k2, k3, cin, cout = (int(v) for v in kernel_shape)
-    s1, s2, s3 = _per_axis(strides, 3)
-    n1, n2, n3 = (int(v) for v in x.shape[1:4])
-    o1, o2, o3 = (int(v) for v in dy.shape[1:4])
-    before = _same_padding(n1, k1, s1)[0] if padding == "same" else 0
-
-    def bpf(xe, dye):
-        return tf.raw_ops.Conv2DBackpropFilter(
-            input=xe, filter_sizes=[k2, k3, cin, cout], out_backprop=dye,
-            strides=[1, s2, s3, 1], padding=padding.upper())
-
-    if s1 == 1 and x.shape[0] is not None:
-        xf = tf.reshape(x, [-1, n2, n3, cin])
-        dyf = tf.reshape(dy, [-1, o2, o3, cout])
-        per_offset = []
-        for e in range(k1):
-            shift = e - before
-            lo, hi = max(0, -shift), min(o1, n1 - shift)  # output rows with an input row
-            parts = [bpf(tf.slice(xf, [b * n1 + lo + shift, 0, 0, 0], [hi - lo, -1, -1, -1]),
-                         tf.slice(dyf, [b * o1 + lo, 0, 0, 0], [hi - lo, -1, -1, -1]))
-                     for b in range(int(x.shape[0])) if hi > lo]
-            per_offset.append(tf.add_n(parts) if parts else
-                              tf.zeros([k2, k3, cin, cout], x.dtype))
-        return tf.stack(per_offset, axis=0)
-    if padding == "same":
-        x = tf.pad(x, [[0, 0], _same_padding(n1, k1, s1), [0, 0], [0, 0], [0, 0]])
-    dyf = tf.reshape(dy, [-1, o2, o3, cout])
-    # A gather copies whole rows; a strided slice of bf16 was 15x slower.
-    per_offset = [bpf(tf.reshape(tf.gather(x, tf.range(e, e + (o1 - 1) * s1 + 1, s1), axis=1),
-                                 [-1, n2, n3, cin]), dyf)
-                  for e in range(k1)]
-    return tf.stack(per_offset, axis=0)
-
-
-FILTER_GRADS = ("native", "matmul", "slices")
-
-
-def _check_filter_grad(filter_grad: str, rank: int, dilation=(1,), transposed=False) -> None:
-    if filter_grad not in FILTER_GRADS:
-        raise ValueError(f"filter_grad: expected one of {FILTER_GRADS}, got {filter_grad!r}")
-    if filter_grad == "slices" and (rank != 3 or set(dilation) != {1}):
-        raise ValueError("filter_grad='slices' is for undilated 3D convolutions")
-    if filter_grad == "matmul" and transposed:
-        raise ValueError("filter_grad='matmul' is for stride-1, not transposed, convolutions")
-
-
-def convolution(x, kernel, dilation_rate=1, padding: str = "same",
-                filter_grad: str = "native"):
-    """Stride-1 2D or 3D convolution, x [B, H, W(, D), Cin] * kernel [*K, Cin, Cout].
-
-    Calls the convolution op with its dilation directly: tf.nn.convolution (what Keras
-    layers use) wraps a dilated convolution in space-to-batch reshuffles, which made the
-    dilated 2D layers 2.5x slower per training step on this CPU. ``filter_grad`` chooses
-    how the kernel gradient is computed: "native" (the op's own gradient), "matmul"
-    (filter_gradient_matmul) or "slices" (3D only: filter_gradient_slices).
-    """
-    rank = x.shape.rank - 2
-    dilation = _per_axis(dilation_rate, rank)
-    _check_filter_grad(filter_grad, rank, dilation)
-    pad = padding.upper()
-    strides = [1] * (rank + 2)
-    dilations = [1, *dilation, 1]
-    data_format = "NHWC" if rank == 2 else "NDHWC"  # explicit: eager conv3d grads need it
-    op = lambda x, kernel: (tf.nn.conv2d if rank == 2 else tf.nn.conv3d)(
-        x, kernel, strides, pad, data_format=data_format, dilations=dilations)
-    if filter_grad == "native":
-        return op(x, kernel)
-    backprop_input = (tf.raw_ops.Conv2DBackpropInput if rank == 2
-                      else tf.raw_ops.Conv3DBackpropInputV2)
-
-    @tf.custom_gradient
-    def conv(x, kernel):
-        def grad(dy):
-            dx = backprop_input(input_sizes=tf.shape(x), filter=kernel, out_backprop=dy,
-                                strides=strides, padding=pad, dilations=dilations,
-                                data_format=data_format)
-            if filter_grad == "matmul":
-                dw = filter_gradient_matmul(x, dy, kernel.shape, dilation, padding.lower())
-            else:
-                dw = filter_gradient_slices(x, dy, kernel.shape, 1, padding.lower())
-            return dx, dw
-        return op(x, kernel), grad
-
-    return conv(x, kernel)
-
-
-def transposed_convolution(x, kernel, strides, filter_grad: str = "native"):
-    """Transposed 2D or 3D convolution with "same" padding, as Keras' ConvNDTranspose.
-
-    x [B, *S, Cin], kernel [*K, Cout, Cin] (Keras' layout) -> [B, *(S * strides), Cout].
-    ``filter_grad="slices"`` (3D) computes the kernel gradient, which is the kernel
-    gradient of the strided convolution that maps the output back to x, with
-    filter_gradient_slices; oneDNN's own op took 8x the forward time for the U-Net's
-    last upsampling layer on this CPU.
-    """
-    rank = x.shape.rank - 2
-    stride = _per_axis(strides, rank)
-    _check_filter_grad(filter_grad, rank, transposed=True)
-    out_shape = tf.concat([tf.shape(x)[:1], [int(n) * s for n, s in zip(x.shape[1:-1], stride)],
-                           [kernel.shape[-2]]], axis=0)
-    full = [1, *stride, 1]
-    op = lambda x, kernel: tf.nn.conv_transpose(x, kernel, out_shape, full, "SAME")
-    if filter_grad == "native":
-        return op(x, kernel)
-
-    @tf.custom_gradient
-    def conv_t(x, kernel):  # 3D: "slices" is checked to be 3D only
-        def grad(dy):
-            dx = tf.nn.conv3d(dy, kernel, full, "SAME")
-            dw = filter_gradient_slices(dy, x, kernel.shape, stride, "same")
-            return dx, dw
-        return op(x, kernel), grad
-
-    return conv_t(x, kernel)
-
-
-def byte_dropout(x, rate: float, seed):
-    """Inverted dropout that draws one random byte per element (four per 32-bit draw).
-
-    An element is dropped when its byte is below round(256 * rate), so the drop probability
-    is rate rounded to a multiple of 1/256 (exact for the network's 0.25); kept elements
-    are scaled by 1 / (keep probability). The random-number generator was the largest
-    elementwise cost of the 2D training step with float uniforms (one 32-bit draw each).
-    ``seed``: a stateless seed, int32 [2].
-    """
-    threshold = int(round(256 * rate))
-    if threshold <= 0:
-        return x
-    if threshold >= 256:
-        return tf.zeros_like(x)
-    n = tf.size(x)
-    words = tf.random.stateless_uniform([(n + 3) // 4], seed=seed, minval=None, maxval=None,
-                                        dtype=tf.int32)
-    random_bytes = tf.reshape(tf.bitcast(words, tf.uint8), [-1])[:n]
-    keep = tf.reshape(random_bytes >= threshold, tf.shape(x))
-    scale = tf.where(keep, tf.constant(256.0 / (256 - threshold), x.dtype),
-                     tf.constant(0.0, x.dtype))
-    return x * scale
-
-
-def leaky_relu(x, slope: float):
-    """LeakyReLU, max(x, slope * x) for 0 <= slope <= 1: the same values and gradient as
-    tf.nn.leaky_relu.
-
-    In bfloat16 and float16 it is computed as two ops, Mul and Maximum, with the
-    LeakyReluGrad op as its gradient: TensorFlow's CPU LeakyRelu kernel is not vectorised
-    for these types and took 1.5x as long as the two ops (6.8 against 4.4 ms on 8.4 M
-    bfloat16 elements here; README, Performance). float32 keeps the single op.
-    """
-    if x.dtype == tf.float32 or not 0.0 <= slope <= 1.0:
-        return tf.nn.leaky_relu(x, slope)
-
-    @tf.custom_gradient
-    def two_ops(x):
-        def grad(dy):
-            return tf.raw_ops.LeakyReluGrad(gradients=dy, features=x, alpha=slope)
-        return tf.maximum(x, x * tf.constant(slope, x.dtype)), grad
-
-    return two_ops(x)
 
 
 def _scale_shift(groups, scale, shift, slope):
@@ -469,17 +256,17 @@ class ModalityConv(PerModality):
     """A 2D or 3D convolution, shared by the modalities (the default) or one per modality.
 
     ``kernel_size`` is an int or a tuple (3D kernels such as (3, 3, 1)); ``rank`` 2 or 3.
-    The Keras layers of the branches own the variables; stride-1 convolutions are computed
-    by ``convolution`` (direct dilated op), transposed ones with "same" padding by
-    ``transposed_convolution``; ``filter_grad`` (see ``convolution``) chooses how their
-    kernel gradients are computed. ``depth_first`` (3D): the input is [B, D, H, W, C]
-    while kernel_size, strides and the kernel variable keep Keras' (H, W, D) order.
+    The Keras layers of the branches own the variables; stride-1 convolutions and
+    transposed ones with "same" padding are computed by lib.fast_ops, as the device's plan
+    says, strided ones by the Keras layer. ``depth_first`` (3D): the input is
+    [B, D, H, W, C] while kernel_size, strides and the kernel variable keep Keras'
+    (H, W, D) order, so checkpoints are the same in either layout.
     """
 
     def __init__(self, filters: int, kernel_size=3, rank: int = 2, dilation_rate=1,
                  padding: str = "same", use_bias: bool = False, transpose: bool = False,
                  strides=1, shared: bool = True, modalities=MODALITIES, seed=None,
-                 filter_grad: str = "native", depth_first: bool = False, **kwargs):
+                 depth_first: bool = False, **kwargs):
         super().__init__(shared=shared, modalities=modalities, **kwargs)
         self.filters = int(filters)
         self.kernel_size = kernel_size
@@ -490,12 +277,9 @@ class ModalityConv(PerModality):
         self.transpose = bool(transpose)
         self.strides = strides
         self.seed = seed
-        _check_filter_grad(filter_grad, self.rank, _per_axis(dilation_rate, self.rank),
-                           transposed=transpose)
-        self.filter_grad = filter_grad
         self.depth_first = bool(depth_first)
         if self.depth_first and (self.rank != 3 or (
-                padding != "same" if transpose else set(_per_axis(strides, 3)) != {1})):
+                padding != "same" if transpose else set(per_axis(strides, 3)) != {1})):
             raise ValueError("depth_first: for 3D stride-1 or 'same' transposed convolutions")
         self._make_branches()
 
@@ -513,17 +297,17 @@ class ModalityConv(PerModality):
     def _apply(self, layer, x, training):
         dtype = layer.compute_dtype
         cast = lambda v: tf.cast(v, dtype)
-        kernel, strides = cast(layer.kernel), _per_axis(self.strides, self.rank)
-        dilation = _per_axis(self.dilation_rate, self.rank)
+        kernel, strides = cast(layer.kernel), per_axis(self.strides, self.rank)
+        dilation = per_axis(self.dilation_rate, self.rank)
         if self.depth_first:  # the variable stays [kh, kw, kd, ...] as in Keras
             kernel = tf.transpose(kernel, [2, 0, 1, 3, 4])
             strides, dilation = [(v[2], v[0], v[1]) for v in (strides, dilation)]
         if self.transpose and self.padding == "same":
-            y = transposed_convolution(cast(x), kernel, strides, self.filter_grad)
+            y = transposed_convolution(cast(x), kernel, strides)
         elif self.transpose or strides != (1,) * self.rank:
             return layer(x)
         else:
-            y = convolution(cast(x), kernel, dilation, self.padding, self.filter_grad)
+            y = convolution(cast(x), kernel, dilation, self.padding)
         return tf.nn.bias_add(y, cast(layer.bias)) if self.use_bias else y
 
     def kernels(self):
@@ -535,8 +319,7 @@ class ModalityConv(PerModality):
         config.update(filters=self.filters, kernel_size=self.kernel_size, rank=self.rank,
                       dilation_rate=self.dilation_rate, padding=self.padding,
                       use_bias=self.use_bias, transpose=self.transpose, strides=self.strides,
-                      seed=self.seed, filter_grad=self.filter_grad,
-                      depth_first=self.depth_first)
+                      seed=self.seed, depth_first=self.depth_first)
         return config
 
 
@@ -556,19 +339,18 @@ class ConvUnit(keras.layers.Layer):
     """Convolution, modality BN and LeakyReLU(0.2) as one unit, 2D or 3D.
 
     ``preact=True`` is the pre-activation unit of the 2D network:
-    BN -> LeakyReLU -> conv -> dropout (training only; byte_dropout seeded by a Keras
+    BN -> LeakyReLU -> conv -> dropout (training only; lib.fast_ops.dropout seeded by a Keras
     SeedGenerator, whose state is a model variable, so a resumed run continues its stream).
     ``preact=False`` is the unit of the 3D U-Net: conv -> BN -> LeakyReLU. Convolutions
     have no bias (BN follows or precedes). ``sync_bn``: synchronised BN statistics across
-    tf.distribute replicas (see ModalityBatchNorm). ``filter_grad``, ``depth_first``: see
-    ModalityConv.
+    tf.distribute replicas (see ModalityBatchNorm). ``depth_first``: see ModalityConv.
     """
 
     def __init__(self, filters: int, kernel_size=3, rank: int = 2, dilation_rate=1,
                  preact: bool = True, dropout: float = 0.0, conv_shared: bool = True,
                  bn_shared: bool = False, transpose: bool = False, strides=1,
                  modalities=MODALITIES, seed=None, sync_bn: bool = False,
-                 filter_grad: str = "native", depth_first: bool = False, **kwargs):
+                 depth_first: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.filters, self.kernel_size, self.rank = int(filters), kernel_size, int(rank)
         self.dilation_rate, self.preact, self.dropout = dilation_rate, bool(preact), float(dropout)
@@ -578,8 +360,8 @@ class ConvUnit(keras.layers.Layer):
         self.conv = ModalityConv(filters, kernel_size, rank=rank, dilation_rate=dilation_rate,
                                  transpose=transpose, strides=strides, shared=conv_shared,
                                  modalities=modalities, seed=derive_seed(seed, "conv"),
-                                 filter_grad=filter_grad, depth_first=depth_first, name="conv")
-        self.filter_grad, self.depth_first = filter_grad, bool(depth_first)
+                                 depth_first=depth_first, name="conv")
+        self.depth_first = bool(depth_first)
         self.bn = ModalityBatchNorm(shared=bn_shared, modalities=modalities, activation_slope=0.2,
                                     synchronized=sync_bn, name="bn")
         self.seed_generator = (keras.random.SeedGenerator(derive_seed(seed, "dropout"))
@@ -608,7 +390,7 @@ class ConvUnit(keras.layers.Layer):
                     # each replica drops its own elements (its batch is another one)
                     seed = tf.random.experimental.stateless_fold_in(
                         seed, context.replica_id_in_sync_group)
-                x = byte_dropout(x, self.dropout, seed)
+                x = dropout(x, self.dropout, seed)
             return x
         return self.bn(self.conv(x, modalities=modalities), modalities=modalities,
                        training=training)
@@ -623,6 +405,5 @@ class ConvUnit(keras.layers.Layer):
                       dropout=self.dropout, conv_shared=self.conv_shared,
                       bn_shared=self.bn_shared, transpose=self.transpose,
                       strides=self.strides, modalities=list(self.modalities), seed=self.seed,
-                      sync_bn=self.sync_bn, filter_grad=self.filter_grad,
-                      depth_first=self.depth_first)
+                      sync_bn=self.sync_bn, depth_first=self.depth_first)
         return config

@@ -22,6 +22,7 @@ import tensorflow as tf
 from lib.config import ConfigError, load_config
 from lib.data import DataError
 from lib.distribute import distribute_dataset, is_chief, make_strategy
+from lib.fast_ops import active_plan
 from lib.losses import check_kd_classes
 from lib.runtime import get_logger, setup_runtime
 from lib.train import (CONFIG_FILE, LOG_FILE, Trainer, TrainingError, check_output,
@@ -132,6 +133,7 @@ def train_and_evaluate(config: dict, network: Network) -> dict | None:
     logger = get_logger(None)
     logger.info(f"{network.name}: preset {config.get('PRESET')}, scheme {config['SCHEME']}, "
                 f"precision {precision}, output {output_path}")
+    logger.info(f"device {active_plan().describe()}")
     if config.get("DISTRIBUTE"):
         logger.info(f"DISTRIBUTE={config['DISTRIBUTE']}: {strategy.num_replicas_in_sync} "
                     f"replicas, {config['BATCH_SIZE'] // strategy.num_replicas_in_sync} "

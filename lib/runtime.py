@@ -1,7 +1,8 @@
-"""Process-wide runtime settings: precision policy, determinism, logging, TensorBoard.
+"""Process-wide runtime settings: precision policy, op plan, determinism, logging, TensorBoard.
 
 Call ``setup_runtime(config)`` once, before any model is built: the Keras dtype policy
-applies to layers created after it is set.
+applies to layers created after it is set, and the op plan (lib.fast_ops.decide) to
+models built after it.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import sys
 import keras
 import numpy as np
 import tensorflow as tf
+
+from lib import fast_ops
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
@@ -53,7 +56,8 @@ def resolve_precision(precision: str) -> str:
 
 
 def setup_runtime(config: dict) -> str:
-    """Seeds, op determinism and the dtype policy; returns the resolved precision."""
+    """Seeds, op determinism, the dtype policy and the device's op plan; returns the
+    resolved precision."""
     seed = config.get("SEED")
     if seed is not None:
         random.seed(seed)
@@ -64,6 +68,7 @@ def setup_runtime(config: dict) -> str:
         tf.config.experimental.enable_op_determinism()
     precision = resolve_precision(config.get("PRECISION", "fp32"))
     keras.mixed_precision.set_dtype_policy(_POLICIES[precision])
+    fast_ops.decide()
     return precision
 
 

@@ -9,6 +9,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import lib  # noqa: E402,F401  before TensorFlow: the oneDNN default the entry scripts get
+
 SHARED_REAL = os.path.join(ROOT, "..", "shared", "data", "abdomen_real")
 
 

@@ -12,6 +12,7 @@ import tensorflow as tf
 from conftest import ROOT, tiny_volume
 from lib.data import slab_dataset, slab_starts, volume_bank, write_list
 from lib.evaluate import make_predict_fn, predict_volume_3d, window_starts
+from lib.fast_ops import PLANS, use_plan
 from lib.layers import bn_layers, conv_kernels
 
 HERE_3D = os.path.join(ROOT, "3d_implementation")
@@ -38,16 +39,21 @@ def test_output_shapes():
 
 
 def test_depth_first_network_equals_the_keras_layout(monkeypatch):
-    """Depth-first inside with sliced kernel gradients: the same function of the same
-    weights as plain Keras layers on [B, H, W, D, C], in value and in every gradient.
+    """The oneDNN plan's network (depth-first inside, sliced kernel gradients) is the same
+    function of the same weights as the portable plan's (TensorFlow's ops on
+    [B, H, W, D, C]), in value and in every gradient.
 
     The two layouts round differently (1e-6); at LeakyReLU's kink that can flip one
     element's slope and move every gradient behind it by a few per cent, so the networks
     are compared with a smooth LeakyReLU (the layout code under test is unchanged)."""
     monkeypatch.setattr(tf.nn, "leaky_relu", lambda x, alpha=0.2: (
         alpha * x + (1.0 - alpha) * tf.nn.softplus(4.0 * x) / 4.0))
-    nets = [UNet3D(n_class=3, feature_base=2, seed=0, depth_first=d).build_for((16, 8, 8))
-            for d in (True, False)]
+    plans = (PLANS["cpu_onednn"], PLANS["cpu"])  # depth-first with slices; portable
+    nets = []
+    for plan in plans:
+        with use_plan(plan):
+            nets.append(UNet3D(n_class=3, feature_base=2, seed=0).build_for((16, 8, 8)))
+    assert [n.depth_first for n in nets] == [True, False]
     for a, b in zip(nets[1].variables, nets[0].variables):
         assert a.shape == b.shape
         a.assign(b)
@@ -62,7 +68,11 @@ def test_depth_first_network_equals_the_keras_layout(monkeypatch):
             loss = tf.reduce_sum(y * up)
         return y, tape.gradient(loss, net.trainable_variables)
 
-    (y0, g0), (y1, g1) = run(nets[0]), run(nets[1])
+    results = []
+    for net, plan in zip(nets, plans):
+        with use_plan(plan):
+            results.append(run(net))
+    (y0, g0), (y1, g1) = results
     np.testing.assert_allclose(y0, y1, rtol=1e-4, atol=1e-5)
     for a, b in zip(g0, g1):
         a, b = tf.convert_to_tensor(a).numpy(), tf.convert_to_tensor(b).numpy()

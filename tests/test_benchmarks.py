@@ -16,7 +16,7 @@ from lib.layers import conv_kernels
 TRAIN_KEYS = {"model", "batch_size", "feature_base", "precision", "xla", "steps",
               "step_time_s_median", "step_time_s_min", "images_per_s", "gflop_per_step",
               "achieved_tflops", "peak_tflops", "mfu", "conv_only_s", "conv_only_mfu",
-              "conv_share"}
+              "conv_share", "onednn", "plan", "cpu"}
 
 
 def bench(script, *args):
@@ -33,6 +33,7 @@ def test_train_step_benchmark_2d_json_and_flop_count():
               "--feature_base=2", "--precision=fp32", "--steps=2", "--warmup=1")
     assert TRAIN_KEYS | {"image_size"} <= set(r)
     assert r["traces"] == 1  # the step function traced once
+    assert r["plan"]["device"] == ("cpu_onednn" if r["onednn"] else "cpu")  # no GPU here
     # Hand count at 16x16, f=2, n_class=5, one image per modality (2 images), forward x 3:
     # full resolution 16x16: stem 3->2 and G1 (2 convs 2->2);
     # 8x8: G2 (2->4, 4->4); 4x4: G3 (4->8, 8->8, 8->8, 8->8);
@@ -56,8 +57,11 @@ def test_train_step_benchmark_2d_json_and_flop_count():
 
 def test_train_step_benchmark_3d_json():
     r = bench("train_step.py", "--model=3d", "--patch=16,16,8", "--batch_size=1",
-              "--feature_base=2", "--precision=bf16", "--steps=1", "--warmup=1")
+              "--feature_base=2", "--precision=bf16", "--steps=1", "--warmup=1",
+              "--plan=kernel_grad_3d=native,depth_first_3d=false")
     assert TRAIN_KEYS | {"patch"} <= set(r) and r["patch"] == [16, 16, 8]
+    # the plan given on the command line is the one measured
+    assert (r["plan"]["kernel_grad_3d"], r["plan"]["depth_first_3d"]) == ("native", False)
 
 
 def test_input_pipeline_benchmark_json():

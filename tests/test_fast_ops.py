@@ -1,16 +1,35 @@
-"""The speed pieces of issue 7 against plain references: direct dilated convolution,
-matmul kernel gradient, byte dropout, fused Adam, BN with its fused activation."""
+"""The ops of lib/fast_ops.py against TensorFlow's own, and the device decision.
+
+Every fast path must compute what the portable op computes, in value and both gradients:
+the direct dilated convolution, the matmul and sliced kernel gradients, byte dropout, the
+bf16 LeakyReLU; plus the fused Adam and BN with its fused activation.
+"""
+import os
+import platform
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from lib.layers import (ModalityBatchNorm, ModalityConv, byte_dropout, convolution,
-                        filter_gradient_matmul, filter_gradient_slices, leaky_relu,
-                        transposed_convolution)
+import lib
+from lib import fast_ops
+from lib.fast_ops import (PLANS, OpPlan, byte_dropout, convolution, filter_gradient_matmul,
+                          filter_gradient_slices, kernel_gradient, leaky_relu,
+                          transposed_convolution, use_plan)
+from lib.layers import ModalityBatchNorm
 from lib.optim import FusedAdam
 
 RNG = np.random.default_rng(0)
+
+# One plan per path a convolution can take (each computes the same function).
+CONV_PLANS = {
+    "portable": PLANS["cpu"],
+    "direct": OpPlan("cpu", dilated_conv="direct"),
+    "matmul": OpPlan("cpu", dilated_conv="direct", wide_kernel_grad="matmul"),
+    "slices": OpPlan("cpu", dilated_conv="direct", kernel_grad_3d="slices",
+                     depth_first_3d=True),
+}
 
 
 def _grads(fn, x, w):
@@ -28,38 +47,52 @@ def _grads_eager(fn, x, w):
     return y, tape.gradient(loss, [x, w])
 
 
+def _dilated_reference(x, w, dilation, padding):
+    """A 2D convolution with dilation d as an undilated one whose kernel has d - 1 zeros
+    between its taps: TensorFlow's own undilated op and gradient, which every CPU has."""
+    if dilation == 1:
+        return tf.nn.convolution(x, w, padding=padding.upper())
+    k, span = w.shape[0], dilation * (w.shape[0] - 1) + 1
+    taps = [[i * dilation, j * dilation] for i in range(k) for j in range(k)]
+    spread = tf.scatter_nd(taps, tf.reshape(w, [k * k, *w.shape[2:]]),
+                           [span, span, *w.shape[2:]])  # linear in w: gradients flow
+    return tf.nn.convolution(x, spread, padding=padding.upper())
+
+
 @pytest.mark.parametrize("rank,kernel,dilation,padding", [
     (2, (3, 3), 1, "same"), (2, (3, 3), 2, "same"), (2, (3, 3), 1, "valid"),
-    (2, (5, 5), 1, "valid"), (2, (2, 2), 1, "same"), (3, (3, 3, 1), 1, "same"),
-    (3, (3, 3, 3), 1, "valid"), (3, (2, 3, 3), 1, "same")])
-@pytest.mark.parametrize("filter_grad", ["native", "matmul", "slices"])
-def test_convolution_equals_keras_path(rank, kernel, dilation, padding, filter_grad):
-    """Value and both gradients equal tf.nn.convolution (space-to-batch when dilated)."""
-    if filter_grad == "slices" and rank == 2:
-        with pytest.raises(ValueError, match="3D"):
-            convolution(tf.zeros([1, 4, 4, 1]), tf.zeros([3, 3, 1, 1]), 1, "same", filter_grad)
-        return
+    (2, (5, 5), 1, "valid"), (2, (2, 2), 1, "same"), (2, (3, 3), 2, "valid"),
+    (3, (3, 3, 1), 1, "same"), (3, (3, 3, 3), 1, "valid"), (3, (2, 3, 3), 1, "same")])
+@pytest.mark.parametrize("path", list(CONV_PLANS))
+def test_convolution_equals_the_plain_op(rank, kernel, dilation, padding, path):
+    """Value and both gradients equal an undilated TensorFlow convolution of the
+    zero-stuffed kernel, whichever path the plan takes, on a wide layer (Cout = 4 Cin =
+    256, where "matmul" applies) and a narrow one."""
     spatial = [7, 6] if rank == 2 else [6, 5, 4]
-    x = tf.constant(RNG.normal(size=[2, *spatial, 3]), tf.float32)
-    w = tf.constant(RNG.normal(size=[*kernel, 3, 4]), tf.float32)
-    ref_y, ref_g = _grads(lambda a, b: tf.nn.convolution(a, b, padding=padding.upper(),
-                                                         dilations=dilation), x, w)
-    y, g = _grads(lambda a, b: convolution(a, b, dilation, padding, filter_grad), x, w)
-    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
-    for got, want in zip(g, ref_g):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    plan = CONV_PLANS[path]
+    if plan.dilated_conv == "direct" and dilation > 1 and not fast_ops.onednn_enabled():
+        pytest.skip("TensorFlow's own CPU kernels have no dilated gradient (the reason for "
+                    "the portable path)")
+    for cin, cout in ((3, 4), (64, 256)):
+        x = tf.constant(RNG.normal(size=[2, *spatial, cin]), tf.float32)
+        w = tf.constant(RNG.normal(size=[*kernel, cin, cout]) / cin, tf.float32)
+        ref_y, ref_g = _grads(lambda a, b: _dilated_reference(a, b, dilation, padding), x, w)
+        y, g = _grads(lambda a, b: convolution(a, b, dilation, padding, plan), x, w)
+        np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-4)
+        for got, want in zip(g, ref_g):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("kernel,strides,spatial", [
     ((3, 3, 3), 2, (4, 3, 4)), ((3, 3, 1), 2, (4, 4, 2)), ((2, 2, 2), 2, (3, 3, 3)),
     ((3, 3, 3), (2, 1, 2), (3, 3, 3))])
-@pytest.mark.parametrize("filter_grad", ["native", "slices"])
-def test_transposed_convolution_equals_keras(kernel, strides, spatial, filter_grad):
+@pytest.mark.parametrize("path", ["portable", "slices"])
+def test_transposed_convolution_equals_keras(kernel, strides, spatial, path):
     """Value, input and kernel gradients equal Keras' Conv3DTranspose ("same" padding)."""
     x = tf.constant(RNG.normal(size=[2, *spatial, 3]), tf.float32)
     w = tf.constant(RNG.normal(size=[*kernel, 4, 3]), tf.float32)  # [*K, Cout, Cin]
     ref_y, ref_g = _grads(lambda a, b: keras.ops.conv_transpose(a, b, strides, "same"), x, w)
-    y, g = _grads(lambda a, b: transposed_convolution(a, b, strides, filter_grad), x, w)
+    y, g = _grads(lambda a, b: transposed_convolution(a, b, strides, CONV_PLANS[path]), x, w)
     assert y.shape == (2, *[n * s for n, s in zip(spatial, strides if isinstance(
         strides, tuple) else (strides,) * 3)], 4)
     np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
@@ -92,13 +125,82 @@ def test_filter_gradient_slices_depth_shorter_than_the_kernel():
     assert not np.any(got.numpy()[[0, 2]]) and np.any(got.numpy()[1])
 
 
-def test_filter_grad_choices_checked():
-    with pytest.raises(ValueError, match="filter_grad"):
-        ModalityConv(4, 3, rank=2, filter_grad="fast")
-    with pytest.raises(ValueError, match="transposed"):
-        ModalityConv(4, 3, rank=3, transpose=True, strides=2, filter_grad="matmul")
-    with pytest.raises(ValueError, match="undilated 3D"):
-        ModalityConv(4, 3, rank=3, dilation_rate=2, filter_grad="slices")
+@pytest.mark.parametrize("kernel_shape,dilation,transposed,plan,want", [
+    ([3, 3, 512, 2560], (1, 1), False, "cpu_onednn", "matmul"),  # the 2D upsampling layer
+    ([3, 3, 64, 256], (1, 1), False, "cpu_onednn", "matmul"),    # Cout = 4 Cin = 256
+    ([3, 3, 32, 128], (1, 1), False, "cpu_onednn", "native"),    # too narrow
+    ([3, 3, 3, 16], (1, 1), False, "cpu_onednn", "native"),      # the stem
+    ([3, 3, 512, 512], (2, 2), False, "cpu_onednn", "native"),
+    ([3, 3, 3, 8, 16], (1, 1, 1), False, "cpu_onednn", "slices"),
+    ([3, 3, 3, 8, 16], (1, 1, 1), True, "cpu_onednn", "slices"),
+    ([3, 3, 3, 8, 16], (2, 2, 1), False, "cpu_onednn", "native"),
+    ([3, 3, 512, 2560], (1, 1), False, "cpu", "native"),
+    ([3, 3, 3, 8, 16], (1, 1, 1), False, "cpu", "native"),
+    ([3, 3, 512, 2560], (1, 1), False, "gpu", "native"),
+    ([3, 3, 3, 8, 16], (1, 1, 1), True, "gpu", "native"),
+])
+def test_kernel_gradient_choice(kernel_shape, dilation, transposed, plan, want):
+    assert kernel_gradient(PLANS[plan], kernel_shape, dilation, transposed) == want
+
+
+@pytest.mark.parametrize("gpus,onednn,want", [
+    (1, False, "gpu"), (4, True, "gpu"), (0, True, "cpu_onednn"), (0, False, "cpu")])
+def test_decision_by_device(gpus, onednn, want):
+    """The device kinds, injected. A GPU gets TensorFlow's own ops and gradients (cuDNN)
+    everywhere. A CPU without oneDNN gets nothing that needs oneDNN (no dilations in the
+    op, whose gradient TensorFlow's own kernels lack) and TensorFlow's ops but for the
+    sliced 3D kernel gradients, which are made of TensorFlow's 2D kernel-gradient op."""
+    with use_plan(PLANS["cpu"]):  # decide() replaces the active plan; restored after
+        plan = fast_ops.decide(gpus=gpus, onednn=onednn)
+        assert fast_ops.active_plan() is plan
+    expected = {
+        "gpu": OpPlan("gpu", dilated_conv="direct"),
+        "cpu": OpPlan("cpu", dilated_conv="space_to_batch", wide_kernel_grad="native",
+                      kernel_grad_3d="slices", depth_first_3d=True, dropout="native",
+                      leaky_relu="native"),
+        "cpu_onednn": OpPlan("cpu_onednn", dilated_conv="direct", wide_kernel_grad="matmul",
+                             kernel_grad_3d="slices", depth_first_3d=True, dropout="byte",
+                             leaky_relu="two_ops"),
+    }[want]
+    assert plan == expected
+    if want == "gpu":  # every field at its portable value
+        assert plan == OpPlan("gpu", dilated_conv=plan.dilated_conv)
+
+
+def test_decision_reads_this_process():
+    """Undisturbed, the decision sees this process's devices and oneDNN state, and the
+    oneDNN state follows TF_ENABLE_ONEDNN_OPTS where it is set (CI runs both)."""
+    with use_plan(PLANS["gpu"]):
+        plan = fast_ops.decide()
+    onednn = fast_ops.onednn_enabled()
+    setting = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
+    if setting in ("0", "1") and platform.machine().lower() in ("x86_64", "amd64"):
+        assert onednn == (setting == "1")
+    assert plan.device == ("gpu" if tf.config.list_physical_devices("GPU")
+                           else "cpu_onednn" if onednn else "cpu")
+
+
+def test_plan_fields_checked():
+    with pytest.raises(ValueError, match="dilated_conv"):
+        OpPlan("cpu", dilated_conv="fast")
+    with pytest.raises(ValueError, match="depth_first_3d"):
+        OpPlan("cpu", kernel_grad_3d="slices")
+    assert "space_to_batch" in PLANS["cpu"].describe()
+
+
+@pytest.mark.parametrize("environ,machine,imported,want", [
+    ({}, "x86_64", False, "1"),                              # AVX2 x86: turned on
+    ({"TF_ENABLE_ONEDNN_OPTS": "0"}, "x86_64", False, "0"),  # the user's value stays
+    ({"TF_ENABLE_ONEDNN_OPTS": "1"}, "AMD64", False, "1"),
+    ({}, "arm64", False, None),                              # Apple silicon: untouched
+    ({}, "aarch64", False, None),
+    ({}, "x86_64", True, None),                              # too late: TF already read it
+])
+def test_prefer_onednn(environ, machine, imported, want):
+    env = dict(environ)
+    changed = lib.prefer_onednn(env, machine, imported)
+    assert env.get("TF_ENABLE_ONEDNN_OPTS") == want
+    assert changed == (want == "1" and not environ)
 
 
 def test_filter_gradient_matmul_by_hand():
@@ -108,6 +210,20 @@ def test_filter_gradient_matmul_by_hand():
     dw = filter_gradient_matmul(x, dy, [2, 2, 1, 1], (1, 1), "valid")[..., 0, 0]
     # dW[i,j] = x[i,j] + 2*x[1+i,1+j]: [[0+8, 1+10], [3+14, 4+16]]
     np.testing.assert_allclose(dw, [[8, 11], [17, 20]])
+
+
+@pytest.mark.parametrize("plan", ["cpu", "cpu_onednn"])
+def test_dropout_rate_and_scale_by_plan(plan):
+    """Both dropout paths drop about `rate` of the elements, scale the rest by
+    1/(1-rate), and repeat with the seed."""
+    x = tf.ones([400, 500])
+    with use_plan(plan):
+        y = fast_ops.dropout(x, 0.25, tf.constant([3, 4], tf.int32)).numpy()
+        again = fast_ops.dropout(x, 0.25, tf.constant([3, 4], tf.int32)).numpy()
+        assert fast_ops.dropout(x, 0.0, tf.constant([3, 4], tf.int32)) is x
+    np.testing.assert_array_equal(y, again)
+    assert set(np.unique(y)) == {0.0, np.float32(4 / 3)}
+    assert abs((y == 0).mean() - 0.25) < 0.005  # sd of the mean 0.0006
 
 
 def test_byte_dropout_rate_values_and_seed():
@@ -140,7 +256,7 @@ def test_leaky_relu_by_hand_and_equal_to_tensorflows(dtype):
             y = fn(x, 0.2)
         return y, tape.gradient(y, x, output_gradients=upstream)
 
-    y, g = value_and_grad(leaky_relu)
+    y, g = value_and_grad(lambda x, a: leaky_relu(x, a, PLANS["cpu_onednn"]))
     expect = tf.cast(tf.constant([-2.0 * slope, -0.5 * slope, 0.0, 0.5, 3.0]), dtype)
     np.testing.assert_array_equal(y.numpy(), expect.numpy())
     expect_g = tf.cast(tf.constant([slope, 2 * slope, 4 * slope, 1.0, 2.0]), dtype)
@@ -149,7 +265,7 @@ def test_leaky_relu_by_hand_and_equal_to_tensorflows(dtype):
     big = tf.constant(RNG.normal(size=[64, 33]), dtype)
     np.testing.assert_array_equal(y.numpy(), y_tf.numpy())
     np.testing.assert_array_equal(g.numpy(), g_tf.numpy())
-    np.testing.assert_array_equal(leaky_relu(big, 0.2).numpy(),
+    np.testing.assert_array_equal(leaky_relu(big, 0.2, PLANS["cpu_onednn"]).numpy(),
                                   tf.nn.leaky_relu(big, 0.2).numpy())
 
 
