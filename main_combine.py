@@ -3,9 +3,9 @@
 Edit the settings below, or override any of them on the command line as --name=value
 (names are case-insensitive), for example:
 
-    python main_combine.py                                   # demo: phantom data, ~10 min CPU
+    python main_combine.py                                   # demo: phantom data, <10 min on 2 cores
     python main_combine.py --preset=paper                    # the paper's 2D setting (GPU)
-    python main_combine.py --phase=test --test_model=output/2d_demo/checkpoints/model-1600
+    python main_combine.py --phase=test --test_model=output/2d_demo/checkpoints/model-1000
 
 The chosen PRESET fills in the settings it lists (see PRESETS below) over the values
 written here; command-line overrides come last. PRESET "custom" uses the values as written.
@@ -58,7 +58,7 @@ PRESETS = {
     "paper": dict(OUTPUT_PATH="output/2d_paper"),
     "demo": dict(
         OUTPUT_PATH="output/2d_demo", IMAGE_SIZE=64, FEATURE_BASE=8, BATCH_SIZE=4,
-        NUM_STEPS=1600, LR_DECAY_STEPS=100, CHECKPOINT_SPACE=400, DISPLAY_STEP=200,
+        NUM_STEPS=1000, LR_DECAY_STEPS=40, CHECKPOINT_SPACE=250, DISPLAY_STEP=200,
         AUGMENT=False,
         SOURCE_TRAIN_LIST=f"{_DEMO}/mr/train_list.txt", SOURCE_VAL_LIST=f"{_DEMO}/mr/val_list.txt",
         TARGET_TRAIN_LIST=f"{_DEMO}/ct/train_list.txt", TARGET_VAL_LIST=f"{_DEMO}/ct/val_list.txt",

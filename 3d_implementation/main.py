@@ -58,7 +58,7 @@ PRESETS = {
     "paper": dict(OUTPUT_PATH="output/3d_paper"),
     "demo": dict(
         OUTPUT_PATH="output/3d_demo", PATCH_SIZE=[64, 64, 8], FEATURE_BASE=8, BATCH_SIZE=2,
-        NUM_STEPS=1000, LEARNING_RATE=1e-3, LR_DECAY_STEPS=100, CHECKPOINT_SPACE=200,
+        NUM_STEPS=500, LEARNING_RATE=1e-3, LR_DECAY_STEPS=50, CHECKPOINT_SPACE=100,
         DISPLAY_STEP=100,
         SOURCE_TRAIN_LIST=f"{_DEMO}/mr/train_volume_list.txt",
         SOURCE_VAL_LIST=f"{_DEMO}/mr/val_volume_list.txt",

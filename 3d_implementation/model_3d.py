@@ -20,7 +20,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from lib.fast_ops import active_plan
+from lib.fast_ops import active_plan, max_pool_3d
 from lib.layers import MODALITIES, ConvUnit, ModalityConv, seed_sequence
 from lib.schemes import get_scheme
 
@@ -80,7 +80,7 @@ class UNet3D(keras.Model):
                 x = u(x, **kw)
             if level < len(self.enc) - 1:
                 skips.append(x)
-                x = tf.nn.max_pool3d(x, 2, 2, "VALID")
+                x = max_pool_3d(x)
         for (upconv, units), skip in zip(self.dec, reversed(skips)):
             x = tf.concat([upconv(x, **kw), skip], axis=-1)
             for u in units:

@@ -3,7 +3,7 @@
 Uses the settings of main.py (one list, written there), with PHASE "test":
 
     python test.py                                  # latest checkpoint of the demo run
-    python test.py --test_model=output/3d_demo/checkpoints/model-600
+    python test.py --test_model=output/3d_demo/checkpoints/model-500
     python test.py --preset=paper
 
 Results go to OUTPUT_PATH/results/ (metrics.json, metrics.csv, predictions, figures).

@@ -351,7 +351,10 @@ def validate_tfrecords(files: list[str], list_path: str = "") -> int:
     Catches truncated or corrupt files, records that are not released-format Examples and
     data_vol / label_vol byte lengths that do not match the declared sizes.
     """
-    bad, count = [], 0
+    count = _count_if_all_good(files)
+    if count is not None:
+        return count
+    bad, count = [], 0  # something is wrong: file by file, to name every bad one
     for path in files:
         try:
             for raw in tf.data.TFRecordDataset(path):
@@ -366,6 +369,23 @@ def validate_tfrecords(files: list[str], list_path: str = "") -> int:
         where = f"{list_path}: " if list_path else ""
         shown = "; ".join(bad[:10]) + (f"; +{len(bad) - 10} more" if len(bad) > 10 else "")
         raise DataError(f"{where}{len(bad)} bad TFRecord file(s): {shown}")
+    return count
+
+
+def _count_if_all_good(files: list[str]) -> int | None:
+    """The number of records when every record of every file reads and checks out, else
+    None; one stream over all the files (an iterator per file costs ~20 ms: 40 s for the
+    demo's 1,900 one-slice files)."""
+    names = tf.data.Dataset.from_tensor_slices(list(files))
+    records = names.interleave(tf.data.TFRecordDataset, cycle_length=1)
+    count = 0
+    try:
+        for raw in records.as_numpy_iterator():
+            if _record_problem(raw):
+                return None
+            count += 1
+    except (tf.errors.DataLossError, tf.errors.OpError):
+        return None
     return count
 
 

@@ -53,6 +53,8 @@ class OpPlan:
                    (byte_dropout: one random byte per element).
     leaky_relu:    "native" (tf.nn.leaky_relu) or "two_ops" (bf16/fp16 as Mul and
                    Maximum, see leaky_relu; float32 always takes the native op).
+    pool_3d:       "native" (tf.nn.max_pool3d) or "folded" (max of the pairs along the
+                   first spatial axis, then a 2D max pool: see max_pool_3d).
     """
 
     device: str
@@ -62,12 +64,14 @@ class OpPlan:
     depth_first_3d: bool = False
     dropout: str = "native"
     leaky_relu: str = "native"
+    pool_3d: str = "native"
 
     def __post_init__(self):
         choices = dict(device=DEVICES, dilated_conv=("direct", "space_to_batch"),
                        wide_kernel_grad=("native", "matmul"),
                        kernel_grad_3d=("native", "slices"), depth_first_3d=(True, False),
-                       dropout=("native", "byte"), leaky_relu=("native", "two_ops"))
+                       dropout=("native", "byte"), leaky_relu=("native", "two_ops"),
+                       pool_3d=("native", "folded"))
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"OpPlan.{key}: expected one of {allowed}, got "
@@ -80,7 +84,7 @@ class OpPlan:
         return (f"{self.device}: dilated conv {self.dilated_conv}, wide-layer kernel grad "
                 f"{self.wide_kernel_grad}, 3D kernel grad {self.kernel_grad_3d}"
                 f"{' (depth-first)' if self.depth_first_3d else ''}, dropout "
-                f"{self.dropout}, LeakyReLU {self.leaky_relu}")
+                f"{self.dropout}, LeakyReLU {self.leaky_relu}, 3D max pool {self.pool_3d}")
 
 
 # The plan of each kind of device. A fast path is listed only where it was measured faster
@@ -90,7 +94,7 @@ PLANS = {
     "cpu_onednn": OpPlan("cpu_onednn", dilated_conv="direct", wide_kernel_grad="matmul",
                          kernel_grad_3d="slices", depth_first_3d=True, dropout="byte",
                          leaky_relu="two_ops"),
-    "cpu": OpPlan("cpu", kernel_grad_3d="slices", depth_first_3d=True),
+    "cpu": OpPlan("cpu", kernel_grad_3d="slices", depth_first_3d=True, pool_3d="folded"),
 }
 
 _active: OpPlan | None = None
@@ -250,7 +254,8 @@ def convolution(x, kernel, dilation_rate=1, padding: str = "same", plan: OpPlan 
     rank = x.shape.rank - 2
     dilation = per_axis(dilation_rate, rank)
     pad = padding.upper()
-    if plan.dilated_conv == "space_to_batch" and set(dilation) != {1}:
+    if set(dilation) != {1} and (plan.dilated_conv == "space_to_batch" or (
+            plan.device == "cpu_onednn" and not dilated_gradient_runs(x.dtype))):
         return tf.nn.convolution(x, kernel, padding=pad, dilations=list(dilation))
     strides = [1] * (rank + 2)
     dilations = [1, *dilation, 1]
@@ -277,6 +282,35 @@ def convolution(x, kernel, dilation_rate=1, padding: str = "same", plan: OpPlan 
         return op(x, kernel), grad
 
     return conv(x, kernel)
+
+
+_DILATED_GRADIENT: dict = {}  # dtype name -> whether this process's CPU kernels have it
+
+
+def dilated_gradient_runs(dtype) -> bool:
+    """Whether this process's CPU kernels compute both gradients of a dilated 2D
+    convolution in ``dtype``, tried once per dtype on a 5x5 image.
+
+    oneDNN does in float32 on every x86-64 CPU, but bfloat16 and float16 only on CPUs with
+    units for them; elsewhere TensorFlow falls back to its own kernels, which have no
+    dilated gradient, and ``convolution`` takes space-to-batch for that dtype.
+    """
+    key = tf.as_dtype(dtype).name
+    if key not in _DILATED_GRADIENT:
+        with tf.init_scope():  # eager, also while a function is being traced
+            image = tf.zeros([1, 5, 5, 1], dtype)
+            common = dict(out_backprop=image, strides=[1, 1, 1, 1], padding="SAME",
+                          dilations=[1, 2, 2, 1])
+            try:
+                tf.raw_ops.Conv2DBackpropFilter(input=image, filter_sizes=[3, 3, 1, 1],
+                                                **common)
+                tf.raw_ops.Conv2DBackpropInput(input_sizes=[1, 5, 5, 1],
+                                               filter=tf.zeros([3, 3, 1, 1], dtype), **common)
+                _DILATED_GRADIENT[key] = True
+            except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError,
+                    tf.errors.NotFoundError):
+                _DILATED_GRADIENT[key] = False
+    return _DILATED_GRADIENT[key]
 
 
 def transposed_convolution(x, kernel, strides, plan: OpPlan | None = None):
@@ -360,3 +394,22 @@ def leaky_relu(x, slope: float, plan: OpPlan | None = None):
         return tf.maximum(x, x * tf.constant(slope, x.dtype)), grad
 
     return two_ops(x)
+
+
+def max_pool_3d(x, plan: OpPlan | None = None):
+    """2x2x2 max pooling with stride 2 ("valid") of x [B, S1, S2, S3, C], either layout.
+
+    "folded": the maximum of each pair along S1, then a 2D max pool over (S2, S3) with S1
+    folded into the batch. The same values; the gradient goes to the same element unless
+    two elements of a window are equal (then to the one of the lower S1; MaxPool3D's
+    gradient also picks one). TensorFlow's own CPU MaxPool3D gradient is far slower than
+    its 2D one.
+    """
+    plan = plan or active_plan()
+    if plan.pool_3d == "native":
+        return tf.nn.max_pool3d(x, 2, 2, "VALID")
+    n1 = 2 * (int(x.shape[1]) // 2)
+    pairs = tf.maximum(x[:, 0:n1:2], x[:, 1:n1:2])  # [B, S1/2, S2, S3, C]
+    s2, s3, c = (int(v) for v in x.shape[2:])
+    pooled = tf.nn.max_pool2d(tf.reshape(pairs, [-1, s2, s3, c]), 2, 2, "VALID")
+    return tf.reshape(pooled, [-1, n1 // 2, s2 // 2, s3 // 2, c])

@@ -12,7 +12,7 @@ import tensorflow as tf
 from conftest import ROOT, tiny_volume
 from lib.data import slab_dataset, slab_starts, volume_bank, write_list
 from lib.evaluate import make_predict_fn, predict_volume_3d, window_starts
-from lib.fast_ops import PLANS, use_plan
+from lib.fast_ops import PLANS, OpPlan, use_plan
 from lib.layers import bn_layers, conv_kernels
 
 HERE_3D = os.path.join(ROOT, "3d_implementation")
@@ -38,20 +38,21 @@ def test_output_shapes():
     assert model(x[:1], modalities=("ct",), training=True).shape == (1, 16, 24, 8, 3)
 
 
-def test_depth_first_network_equals_the_keras_layout(monkeypatch):
-    """The oneDNN plan's network (depth-first inside, sliced kernel gradients) is the same
-    function of the same weights as the portable plan's (TensorFlow's ops on
-    [B, H, W, D, C]), in value and in every gradient.
+@pytest.mark.parametrize("plan", ["cpu_onednn", "cpu"])
+def test_every_plan_computes_the_portable_network(plan, monkeypatch):
+    """The network of each device's plan (depth-first inside, sliced kernel gradients, the
+    folded pool) is the same function of the same weights as TensorFlow's plain ops on
+    [B, H, W, D, C] (OpPlan's defaults), in value and in every gradient.
 
     The two layouts round differently (1e-6); at LeakyReLU's kink that can flip one
     element's slope and move every gradient behind it by a few per cent, so the networks
     are compared with a smooth LeakyReLU (the layout code under test is unchanged)."""
     monkeypatch.setattr(tf.nn, "leaky_relu", lambda x, alpha=0.2: (
         alpha * x + (1.0 - alpha) * tf.nn.softplus(4.0 * x) / 4.0))
-    plans = (PLANS["cpu_onednn"], PLANS["cpu"])  # depth-first with slices; portable
+    plans = (PLANS[plan], OpPlan("cpu"))  # the device's plan; every field portable
     nets = []
-    for plan in plans:
-        with use_plan(plan):
+    for p in plans:
+        with use_plan(p):
             nets.append(UNet3D(n_class=3, feature_base=2, seed=0).build_for((16, 8, 8)))
     assert [n.depth_first for n in nets] == [True, False]
     for a, b in zip(nets[1].variables, nets[0].variables):
@@ -69,8 +70,8 @@ def test_depth_first_network_equals_the_keras_layout(monkeypatch):
         return y, tape.gradient(loss, net.trainable_variables)
 
     results = []
-    for net, plan in zip(nets, plans):
-        with use_plan(plan):
+    for net, p in zip(nets, plans):
+        with use_plan(p):
             results.append(run(net))
     (y0, g0), (y1, g1) = results
     np.testing.assert_allclose(y0, y1, rtol=1e-4, atol=1e-5)

@@ -280,3 +280,26 @@ def test_resumed_validation_stream_continues_where_it_stopped(tiny_data):
         for m in ("mr", "ct"):
             np.testing.assert_array_equal(images[m], want_images[m])
             np.testing.assert_array_equal(labels[m], want_labels[m])
+
+
+def test_validate_tfrecords_counts_good_files_and_names_every_bad_one(tmp_path):
+    """All good: the number of records (one stream over all files). Two bad files among
+    good ones: both named, the good ones not."""
+    good = data.encode_slice(np.zeros((4, 4, 3)), np.zeros((4, 4)))
+    paths = []
+    for k, n in enumerate((1, 3, 2)):
+        paths.append(str(tmp_path / f"good_{k}.tfrecords"))
+        with tf.io.TFRecordWriter(paths[-1]) as writer:
+            for _ in range(n):
+                writer.write(good)
+    assert data.validate_tfrecords(paths) == 6
+    truncated = str(tmp_path / "truncated.tfrecords")
+    open(truncated, "wb").write(open(paths[1], "rb").read()[:-7])
+    not_an_example = str(tmp_path / "not_an_example.tfrecords")
+    _write_records(not_an_example, [b"\x01\x02"])
+    with pytest.raises(data.DataError) as err:
+        data.validate_tfrecords([paths[0], truncated, paths[2], not_an_example], "list.txt")
+    message = str(err.value)
+    assert message.startswith("list.txt: 2 bad TFRecord file(s): ")
+    assert truncated in message and not_an_example in message
+    assert paths[0] not in message and paths[2] not in message

@@ -83,6 +83,26 @@ def test_convolution_equals_the_plain_op(rank, kernel, dilation, padding, path):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16])
+def test_dilated_gradient_in_half_precision_on_the_onednn_plan(dtype):
+    """oneDNN has no float16 (or, without bf16 units, bfloat16) dilated kernels on many
+    CPUs and TensorFlow's own kernels no dilated gradient: the plan must still give both
+    gradients, close to float32's."""
+    x32 = tf.constant(RNG.normal(size=[2, 9, 9, 4]), tf.float32)
+    w32 = tf.constant(RNG.normal(size=[3, 3, 4, 8]) / 6, tf.float32)
+    want_y, want_g = _grads(lambda a, b: _dilated_reference(a, b, 2, "same"), x32, w32)
+
+    def low_precision(a, b):
+        y = convolution(tf.cast(a, dtype), tf.cast(b, dtype), 2, "same", PLANS["cpu_onednn"])
+        return tf.cast(y, tf.float32)
+
+    y, g = _grads(low_precision, x32, w32)
+    tol = 0.05 if dtype == tf.bfloat16 else 0.01
+    np.testing.assert_allclose(y, want_y, rtol=tol, atol=tol * np.abs(want_y).max())
+    for got, want in zip(g, want_g):
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+
+
 @pytest.mark.parametrize("kernel,strides,spatial", [
     ((3, 3, 3), 2, (4, 3, 4)), ((3, 3, 1), 2, (4, 4, 2)), ((2, 2, 2), 2, (3, 3, 3)),
     ((3, 3, 3), (2, 1, 2), (3, 3, 3))])
@@ -98,6 +118,25 @@ def test_transposed_convolution_equals_keras(kernel, strides, spatial, path):
     np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
     for got, want in zip(g, ref_g):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [[2, 4, 6, 4, 3], [1, 5, 4, 7, 2]])  # odd axes: "valid"
+def test_folded_max_pool_equals_max_pool3d(shape):
+    """Value and gradient of the folded pool equal TensorFlow's MaxPool3D (random values:
+    no ties)."""
+    x = tf.constant(RNG.normal(size=shape), tf.float32)
+    results = []
+    for plan in (OpPlan("cpu"), OpPlan("cpu", pool_3d="folded")):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = fast_ops.max_pool_3d(x, plan)
+            up = tf.constant(np.random.default_rng(2).normal(size=y.shape), tf.float32)
+            loss = tf.reduce_sum(y * up)
+        results.append((y.numpy(), tape.gradient(loss, x).numpy()))
+    assert results[0][0].shape == tuple([shape[0]] + [n // 2 for n in shape[1:4]] + [shape[4]])
+    np.testing.assert_array_equal(results[1][0], results[0][0])
+    np.testing.assert_array_equal(results[1][1], results[0][1])
+    assert np.count_nonzero(results[0][1]) == results[0][0].size  # one element per window
 
 
 @pytest.mark.parametrize("padding", ["same", "valid"])
@@ -135,7 +174,7 @@ def test_filter_gradient_slices_depth_shorter_than_the_kernel():
     ([3, 3, 3, 8, 16], (1, 1, 1), True, "cpu_onednn", "slices"),
     ([3, 3, 3, 8, 16], (2, 2, 1), False, "cpu_onednn", "native"),
     ([3, 3, 512, 2560], (1, 1), False, "cpu", "native"),
-    ([3, 3, 3, 8, 16], (1, 1, 1), False, "cpu", "native"),
+    ([3, 3, 3, 8, 16], (1, 1, 1), False, "cpu", "slices"),  # measured faster there too
     ([3, 3, 512, 2560], (1, 1), False, "gpu", "native"),
     ([3, 3, 3, 8, 16], (1, 1, 1), True, "gpu", "native"),
 ])
@@ -149,7 +188,7 @@ def test_decision_by_device(gpus, onednn, want):
     """The device kinds, injected. A GPU gets TensorFlow's own ops and gradients (cuDNN)
     everywhere. A CPU without oneDNN gets nothing that needs oneDNN (no dilations in the
     op, whose gradient TensorFlow's own kernels lack) and TensorFlow's ops but for the
-    sliced 3D kernel gradients, which are made of TensorFlow's 2D kernel-gradient op."""
+    sliced 3D kernel gradients and the folded 3D max pool, made of TensorFlow's 2D ops."""
     with use_plan(PLANS["cpu"]):  # decide() replaces the active plan; restored after
         plan = fast_ops.decide(gpus=gpus, onednn=onednn)
         assert fast_ops.active_plan() is plan
@@ -157,7 +196,7 @@ def test_decision_by_device(gpus, onednn, want):
         "gpu": OpPlan("gpu", dilated_conv="direct"),
         "cpu": OpPlan("cpu", dilated_conv="space_to_batch", wide_kernel_grad="native",
                       kernel_grad_3d="slices", depth_first_3d=True, dropout="native",
-                      leaky_relu="native"),
+                      leaky_relu="native", pool_3d="folded"),
         "cpu_onednn": OpPlan("cpu_onednn", dilated_conv="direct", wide_kernel_grad="matmul",
                              kernel_grad_3d="slices", depth_first_3d=True, dropout="byte",
                              leaky_relu="two_ops"),
