@@ -217,14 +217,26 @@ def test_sigkill_resume_matches_an_uninterrupted_run(data, tmp_path):
     assert [a[s] for s in range(1, 31)] == [b[s] for s in range(1, 31)]  # bit for bit
 
 
+# A shell's background job starts with SIGINT ignored, and its children inherit that:
+# there, no Ctrl-C can reach a training run.
+needs_sigint = pytest.mark.skipif(signal.getsignal(signal.SIGINT) == signal.SIG_IGN,
+                                  reason="SIGINT is ignored in this process (a background job)")
+
+
+@needs_sigint
 def test_sigint_writes_a_checkpoint_and_exits(data, tmp_path):
     out = str(tmp_path / "run")
     proc = subprocess.Popen(_cmd(data, out, num_steps=100000, checkpoint_space=5),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    _wait_for(os.path.join(out, "checkpoints", "model-5.index"), proc)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _wait_for(os.path.join(out, "checkpoints", "model-5.index"), proc)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # never leave a 100,000-step run behind
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 130
     assert "interrupted" in err and "Traceback" not in err
     step = int(tf.train.latest_checkpoint(os.path.join(out, "checkpoints")).split("-")[-1])
@@ -232,6 +244,7 @@ def test_sigint_writes_a_checkpoint_and_exits(data, tmp_path):
     assert f"interrupted at step {step}" in open(os.path.join(out, "train.log"), encoding="utf-8").read()
 
 
+@needs_sigint
 def test_ctrl_c_waits_for_the_step_inside_the_training_loop():
     """lib.interrupt in a bare process: inside deferred() a first SIGINT only sets the flag
     (check() raises), a second one interrupts at once; outside it SIGINT interrupts."""
