@@ -16,7 +16,8 @@ compute it through the functions here: ``convolution``, ``transposed_convolution
                for a dilated convolution: TensorFlow's ops, dilated convolutions as
                ``tf.nn.convolution`` (space-to-batch); only the 3D kernel gradients
                are sliced (made of TensorFlow's 2D kernel-gradient op, which every CPU
-               has), as they were measured faster there too
+               has) and the 3D max pool folded to a 2D pool, as both were measured
+               faster there too
 =============  =====================================================================
 
 Every fast path computes the same function as the portable op, and its gradients
@@ -39,7 +40,9 @@ DEVICES = ("gpu", "cpu_onednn", "cpu")
 class OpPlan:
     """Which implementation each kind of layer uses.
 
-    device:        one of DEVICES (what the plan was made for; reported, not used).
+    device:        one of DEVICES, the device the plan was made for; on "cpu_onednn" a
+                   dilated convolution in a dtype oneDNN lacks falls back to space-to-batch
+                   (dilated_gradient_runs).
     dilated_conv:  "direct" (the convolution op with its dilations and its own gradient)
                    or "space_to_batch" (tf.nn.convolution: runs on every device).
     wide_kernel_grad: "native" or "matmul": the kernel gradient of a wide 2D layer
