@@ -55,7 +55,10 @@ _DEMO_SEED = 0                      # the demo data are the same whatever SEED (
 _ABDOMEN = "data/generated/abdomen"  # where README's commands prepare the real abdominal pair
 PRESETS = {
     "custom": {},
-    "paper": dict(OUTPUT_PATH="output/2d_paper"),
+    # the released MM-WHS slices as the original read them: its one-hot gave their label
+    # 5 no class, its test flipped the released test volumes, and it trained in float32
+    "paper": dict(OUTPUT_PATH="output/2d_paper", OUT_OF_RANGE_LABELS="ignore",
+                  TEST_FLIP="released", PRECISION="fp32"),
     "demo": dict(
         OUTPUT_PATH="output/2d_demo", IMAGE_SIZE=64, FEATURE_BASE=8, BATCH_SIZE=4,
         NUM_STEPS=1000, LR_DECAY_STEPS=40, CHECKPOINT_SPACE=250, DISPLAY_STEP=200,
@@ -80,7 +83,7 @@ def network():
     """The 2D variant for lib.pipeline: model, slice batches, slice-wise prediction."""
     sys.path.insert(0, _ROOT)
     from lib.data import slice_training_data
-    from lib.evaluate import make_predict_fn, predict_volume_2d
+    from lib.evaluate import make_predict_fn, paper_coverage, predict_volume_2d
     from lib.pipeline import Network
     from model_2d import build_model
 
@@ -101,7 +104,10 @@ def network():
             from data.demo import ensure_demo_data
             ensure_demo_data(os.path.join(_ROOT, _DEMO), config["IMAGE_SIZE"], _DEMO_SEED)
 
-    return Network("UMMKD 2D", build_model, datasets, predictor, prepare_data)
+    def coverage(config, depth):  # the original test batches slices by BATCH_SIZE
+        return paper_coverage(depth, config["BATCH_SIZE"], config["SEED"])
+
+    return Network("UMMKD 2D", build_model, datasets, predictor, prepare_data, coverage)
 
 
 if __name__ == "__main__":

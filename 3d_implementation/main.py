@@ -55,7 +55,11 @@ _DEMO_SEED = 0                      # the demo data are the same whatever SEED (
 _DEMO_IMAGE_SIZE = 64               # in-plane size of the demo data (shared with the 2D demo)
 PRESETS = {
     "custom": {},
-    "paper": dict(OUTPUT_PATH="output/3d_paper"),
+    # the original's abdominal 3D setting: its one-hot gave labels outside the classes no
+    # class, and it trained in float32
+    "paper": dict(OUTPUT_PATH="output/3d_paper", OUT_OF_RANGE_LABELS="ignore",
+                  PRECISION="fp32",
+                  CLASS_NAMES=["liver", "right_kidney", "left_kidney", "spleen"]),
     "demo": dict(
         OUTPUT_PATH="output/3d_demo", PATCH_SIZE=[64, 64, 8], FEATURE_BASE=8, BATCH_SIZE=2,
         NUM_STEPS=500, LEARNING_RATE=1e-3, LR_DECAY_STEPS=50, CHECKPOINT_SPACE=100,

@@ -11,11 +11,16 @@
   ``image_path,label_path`` (NIfTI) or one ``.npz`` path (the original test format, arr_0 =
   image, arr_1 = label).
 * A tf.data pipeline of [B, H, W, 3] float32 images and [B, H, W] int32 labels.
+* Labels outside 0..N_CLASS-1 (the released MM-WHS slices carry a 5, a structure outside
+  the four classes) follow OUT_OF_RANGE_LABELS: "error" stops with a DataError naming the
+  file; "ignore" maps them to ``n_class``, which belongs to no class (tf.one_hot gives it
+  an all-zero vector, as the original ``_label_decomp`` did).
 
 Volumes are numpy arrays [H, W, D]: in-plane axes first, slices along the last axis.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -28,6 +33,66 @@ RELEASED_LABEL_CHANNELS = 3  # the released files store the label as [H, W, 3]
 
 class DataError(ValueError):
     """Bad input data: the message names the file and what is wrong."""
+
+
+LABEL_RULES = ("error", "ignore")  # OUT_OF_RANGE_LABELS
+
+
+@dataclass
+class LabelCount:
+    """Labelled pixels read so far, and those outside 0..n_class-1: {value: pixels}, and
+    the files holding any."""
+    n_class: int
+    pixels: int = 0
+    outside: dict = field(default_factory=dict)
+    files: list = field(default_factory=list)
+
+    def add(self, label: np.ndarray, path: str) -> np.ndarray:
+        """Count one label array [...] of ``path``; returns a mask of its outside pixels."""
+        label = np.asarray(label)
+        self.pixels += label.size
+        mask = (label < 0) | (label >= self.n_class)
+        if mask.any():
+            values, counts = np.unique(label[mask], return_counts=True)
+            for v, c in zip(values.tolist(), counts.tolist()):
+                self.outside[int(v)] = self.outside.get(int(v), 0) + int(c)
+            if not self.files or self.files[-1] != path:
+                self.files.append(path)
+        return mask
+
+    def describe(self) -> str:
+        """"value 5 on 2.31% of the pixels" (the values outside, largest share first)."""
+        shares = sorted(self.outside.items(), key=lambda vc: -vc[1])
+        parts = [f"{v} on {100.0 * c / max(self.pixels, 1):.2f}%" for v, c in shares[:5]]
+        more = f" and {len(shares) - 5} more values" if len(shares) > 5 else ""
+        return f"value{'s' if len(shares) > 1 else ''} {', '.join(parts)}{more} of the pixels"
+
+    def apply(self, rule: str, where: str, log=None) -> None:
+        """Nothing if every label was in range; else the OUT_OF_RANGE_LABELS rule: "error"
+        raises one DataError naming the files, "ignore" logs one line."""
+        if not self.outside:
+            return
+        span = f"0..{self.n_class - 1}"
+        if rule == "error":
+            shown = ", ".join(self.files[:5]) + (
+                f" (+{len(self.files) - 5} more)" if len(self.files) > 5 else "")
+            raise DataError(f"{shown}: label values outside {span} ({self.describe()} of "
+                            f"{where}); OUT_OF_RANGE_LABELS=ignore counts them as no class, as "
+                            f"the original code did")
+        (log or _log)(f"{where}: labels outside {span}: {self.describe()}, in "
+                      f"{len(self.files)} file(s); OUT_OF_RANGE_LABELS=ignore: they belong to "
+                      f"no class (outside every Dice numerator, class count and KD class mean)")
+
+
+def _log(message: str) -> None:
+    import logging
+    logging.getLogger("ummkd").info(message)
+
+
+def no_class_labels(label: np.ndarray, n_class: int) -> np.ndarray:
+    """``label`` with every value outside 0..n_class-1 set to n_class (no class)."""
+    label = np.asarray(label)
+    return np.where((label >= 0) & (label < n_class), label, n_class).astype(label.dtype)
 
 
 # ----------------------------------------------------------------------------- list files
@@ -138,14 +203,15 @@ _FEATURES = {
 
 
 def parse_slice(serialized: tf.Tensor, image_size: int | None = None, filename=None,
-                n_class: int | None = None):
+                n_class: int | None = None, out_of_range: str = "error"):
     """Graph-side parser: serialized Example -> (image [S, S, 3] float32, label [S, S] int32).
 
     The label layout ([H, W, 3] released or [H, W, 1]) follows from the byte length; its
     middle channel is the label. With image_size set, slices of another size are resized
     (bilinear for the image, nearest for the label). With ``filename`` given, byte lengths
-    that do not match the declared size, NaN or Inf in the image and (with n_class) labels
-    outside 0..n_class-1 stop the pipeline with an error that names the file.
+    that do not match the declared size and NaN or Inf in the image stop the pipeline with
+    an error that names the file. With n_class, labels outside 0..n_class-1 do too
+    (``out_of_range="error"``), or become n_class, no class (``"ignore"``).
     """
     ex = tf.io.parse_single_example(serialized, _FEATURES)
     h = tf.cast(ex["dsize_dim0"], tf.int32)
@@ -167,12 +233,14 @@ def parse_slice(serialized: tf.Tensor, image_size: int | None = None, filename=N
     if filename is not None:
         checks = [tf.debugging.Assert(tf.reduce_all(tf.math.is_finite(image)),
                                       ["BADRECORD", filename, "NaN or Inf in the image"])]
-        if n_class is not None:
+        if n_class is not None and out_of_range == "error":
             checks.append(tf.debugging.Assert(
                 (tf.reduce_min(label) >= 0) & (tf.reduce_max(label) < n_class),
                 ["BADRECORD", filename, f"label values outside 0..{n_class - 1}"]))
         with tf.control_dependencies(checks):
             image, label = tf.identity(image), tf.identity(label)
+    if n_class is not None and out_of_range == "ignore":
+        label = tf.where((label >= 0) & (label < n_class), label, n_class)
     if image_size is not None:
         size = tf.constant([image_size, image_size])
 
@@ -310,13 +378,14 @@ def _records_with_names(files: list[str], names: tf.data.Dataset) -> tf.data.Dat
 
 def slice_dataset(files: list[str], image_size: int, batch_size: int, *, seed: int = 0,
                   start_step: int = 0, augment=None, n_class: int | None = None,
-                  repeat: bool = True) -> tf.data.Dataset:
+                  out_of_range: str = "error", repeat: bool = True) -> tf.data.Dataset:
     """Batches (image [B, S, S, 3] float32, label [B, S, S] int32) from TFRecord files.
 
     Training (``repeat``): slices drawn at random, uniformly over all records, by
     sample_records, resumable at any step; files are read in parallel, in a deterministic
     order. ``repeat=False``: every record of every file once, in order. Bad records stop the
-    pipeline naming their file (parse_slice). ``augment``: an optional graph function
+    pipeline naming their file; labels outside 0..n_class-1 follow ``out_of_range``
+    (parse_slice). ``augment``: an optional graph function
     ``(image, label, seed) -> (image, label)``, called with a stateless seed (int32 [2])
     derived from (seed, k) for the k-th slice, so a resumed run repeats the augmentation of
     an uninterrupted one.
@@ -328,7 +397,7 @@ def slice_dataset(files: list[str], image_size: int, batch_size: int, *, seed: i
     else:
         ds = _records_with_names(files, tf.data.Dataset.from_tensor_slices(list(files)))
         ds = ds.enumerate().map(lambda k, fr: (k, fr[0], fr[1]))
-    ds = ds.map(lambda k, f, r: (k, *parse_slice(r, image_size, f, n_class)),
+    ds = ds.map(lambda k, f, r: (k, *parse_slice(r, image_size, f, n_class, out_of_range)),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if augment is not None:
         key = tf.constant(seed, tf.int64)
@@ -345,13 +414,15 @@ def slice_dataset(files: list[str], image_size: int, batch_size: int, *, seed: i
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def validate_tfrecords(files: list[str], list_path: str = "") -> int:
+def validate_tfrecords(files: list[str], list_path: str = "",
+                       labels: LabelCount | None = None) -> int:
     """Read every record of every file; one DataError naming every bad file. Returns count.
 
     Catches truncated or corrupt files, records that are not released-format Examples and
-    data_vol / label_vol byte lengths that do not match the declared sizes.
+    data_vol / label_vol byte lengths that do not match the declared sizes. With ``labels``,
+    counts the middle-slice labels of every record into it (the values outside the classes).
     """
-    count = _count_if_all_good(files)
+    count = _count_if_all_good(files, labels)
     if count is not None:
         return count
     bad, count = [], 0  # something is wrong: file by file, to name every bad one
@@ -359,7 +430,7 @@ def validate_tfrecords(files: list[str], list_path: str = "") -> int:
         try:
             for raw in tf.data.TFRecordDataset(path):
                 count += 1
-                problem = _record_problem(raw.numpy())
+                problem, _ = _read_record(raw.numpy())
                 if problem:
                     bad.append(f"{path} ({problem})")
                     break
@@ -372,36 +443,43 @@ def validate_tfrecords(files: list[str], list_path: str = "") -> int:
     return count
 
 
-def _count_if_all_good(files: list[str]) -> int | None:
+def _count_if_all_good(files: list[str], labels: LabelCount | None = None) -> int | None:
     """The number of records when every record of every file reads and checks out, else
     None; one stream over all the files (an iterator per file costs ~20 ms: 40 s for the
     demo's 1,900 one-slice files)."""
     names = tf.data.Dataset.from_tensor_slices(list(files))
-    records = names.interleave(tf.data.TFRecordDataset, cycle_length=1)
+    records = names.interleave(lambda f: tf.data.TFRecordDataset(f).map(lambda r: (f, r)),
+                               cycle_length=1)
     count = 0
     try:
-        for raw in records.as_numpy_iterator():
-            if _record_problem(raw):
+        for name, raw in records.as_numpy_iterator():
+            problem, label = _read_record(raw)
+            if problem:
                 return None
+            if labels is not None:
+                labels.add(label, name.decode())
             count += 1
     except (tf.errors.DataLossError, tf.errors.OpError):
         return None
     return count
 
 
-def _record_problem(raw: bytes) -> str | None:
+def _read_record(raw: bytes) -> tuple[str | None, np.ndarray | None]:
+    """(None, middle-slice label [H, W] int) of a good record, or (what is wrong, None)."""
     try:
         feature = tf.train.Example.FromString(raw).features.feature
         d = [feature[f"dsize_dim{i}"].int64_list.value[0] for i in range(3)]
         data = feature["data_vol"].bytes_list.value[0]
         label = feature["label_vol"].bytes_list.value[0]
     except Exception:  # protobuf raises several types for malformed records
-        return "not a released-format slice record"
+        return "not a released-format slice record", None
     if len(data) != 4 * d[0] * d[1] * d[2]:
-        return f"data_vol has {len(data)} bytes, declared {d[0]}x{d[1]}x{d[2]} float32"
+        return f"data_vol has {len(data)} bytes, declared {d[0]}x{d[1]}x{d[2]} float32", None
     if len(label) not in (4 * d[0] * d[1], 12 * d[0] * d[1]):
-        return f"label_vol has {len(label)} bytes, expected {d[0]}x{d[1]}x1 or x3 float32"
-    return None
+        return (f"label_vol has {len(label)} bytes, expected {d[0]}x{d[1]}x1 or x3 float32",
+                None)
+    lab = np.frombuffer(label, np.float32).reshape(d[0], d[1], -1)
+    return None, np.rint(lab[:, :, (lab.shape[2] - 1) // 2]).astype(np.int64)
 
 
 def bad_record_message(err: tf.errors.OpError) -> str | None:
@@ -417,6 +495,8 @@ class Volume:
 
     ``spacing`` is None when the file carries no voxel size (.npz): distances are then in
     voxels unless the caller knows the spacing from elsewhere (lib.evaluate's dataset.json).
+    ``image`` and ``label`` are in the training slices' layout; ``flipped`` says whether that
+    took a flip of axes 0 and 1 from the file's layout.
     """
     name: str
     image: np.ndarray
@@ -424,6 +504,7 @@ class Volume:
     spacing: tuple | None = None
     affine: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
+    flipped: bool = False  # axes 0 and 1 flipped on loading (load_volume), not in the file
 
 
 def case_name(path: str) -> str:
@@ -439,13 +520,24 @@ def case_name(path: str) -> str:
     return name
 
 
-def load_volume(entry: str, npz_flip: bool = True) -> Volume:
+def load_volume(entry: str, flip: bool | None = None) -> Volume:
     """Load one volume-list entry: ``image.nii.gz,label.nii.gz`` or ``case.npz``.
 
-    The original .npz test files store arr_0 = image and arr_1 = label with axes 0 and 1
-    flipped relative to the training slices; ``npz_flip`` undoes that.
+    ``flip`` flips axes 0 and 1 of image and label (``Volume.flipped`` records it). None:
+    the format's own layout: the original .npz test files store arr_0 = image and arr_1 =
+    label flipped on axes 0 and 1 relative to the training slices, so they are flipped
+    back; NIfTI files are taken as they are.
     """
     import nibabel as nib  # imported here so that training-only runs do not need it loaded
+
+    flip = entry.endswith(".npz") if flip is None else bool(flip)
+
+    def oriented(volume):
+        if not flip:
+            return volume
+        return dataclasses.replace(
+            volume, image=np.ascontiguousarray(np.flip(volume.image, (0, 1))),
+            label=np.ascontiguousarray(np.flip(volume.label, (0, 1))), flipped=True)
 
     if entry.endswith(".npz"):
         try:
@@ -453,10 +545,8 @@ def load_volume(entry: str, npz_flip: bool = True) -> Volume:
                 image, label = npz["arr_0"], npz["arr_1"]
         except (OSError, ValueError, KeyError) as err:
             raise DataError(f"{entry}: cannot read test volume ({err})") from None
-        if npz_flip:
-            image, label = np.flip(image, (0, 1)), np.flip(label, (0, 1))
-        return Volume(case_name(entry), np.ascontiguousarray(image, np.float32),
-                      np.ascontiguousarray(label).astype(np.int32))
+        return oriented(Volume(case_name(entry), np.asarray(image, np.float32),
+                               np.asarray(label).astype(np.int32), meta={"label_file": entry}))
     parts = entry.split(",")
     if len(parts) != 2:
         raise DataError(f"{entry}: a volume entry must be 'image,label' or one .npz file")
@@ -476,7 +566,8 @@ def load_volume(entry: str, npz_flip: bool = True) -> Volume:
         raise DataError(f"{parts[1]}: label shape {label.shape} differs from image "
                         f"shape {image.shape}")
     spacing = tuple(float(s) for s in img.header.get_zooms()[:3])
-    return Volume(case_name(parts[0]), image, label, spacing, img.affine)
+    return oriented(Volume(case_name(parts[0]), image, label, spacing, img.affine,
+                           meta={"label_file": parts[1]}))
 
 
 def zip_modalities(datasets: dict) -> tf.data.Dataset:
@@ -501,23 +592,27 @@ def slice_training_data(config: dict, train_lists: dict, val_lists: dict, augmen
     """2D training and validation batches for every modality from their TFRecord lists.
 
     Each modality gets its own seed (SEED + its index) so the two streams are independent.
-    With CHECK_DATA every record of every file is read once first (fail fast).
+    With CHECK_DATA every record of every file is read once first (fail fast), and labels
+    outside the classes are reported (or refused) before training, per OUT_OF_RANGE_LABELS.
     """
     seed = config.get("SEED") or 0
+    rule = config.get("OUT_OF_RANGE_LABELS", "error")
 
-    def build(lists, offset, start, aug):
+    def build(lists, offset, start, aug, part):
         streams = {}
         for i, (m, list_path) in enumerate(lists.items()):
             files = check_list_files(list_path)
             if config.get("CHECK_DATA", True):
-                validate_tfrecords(files, list_path)
+                labels = LabelCount(config["N_CLASS"])
+                validate_tfrecords(files, list_path, labels)
+                labels.apply(rule, f"{m} {part} slices")
             streams[m] = slice_dataset(files, config["IMAGE_SIZE"], config["BATCH_SIZE"],
                                        seed=seed + i + offset, start_step=start, augment=aug,
-                                       n_class=config["N_CLASS"])
+                                       n_class=config["N_CLASS"], out_of_range=rule)
         return zip_modalities(streams)
 
-    train = build(train_lists, 0, start_step, augment)
-    val = (build(val_lists, 100, validation_start(config, start_step), None)
+    train = build(train_lists, 0, start_step, augment, "training")
+    val = (build(val_lists, 100, validation_start(config, start_step), None, "validation")
            if val_lists and len(val_lists) == len(train_lists) else None)
     return train, val
 
@@ -541,8 +636,12 @@ class VolumeBank:
     labelled: np.ndarray
 
 
-def volume_bank(volumes, patch) -> VolumeBank:
-    """Stack [(image [H, W, D], label [H, W, D])] for slab sampling (see VolumeBank)."""
+def volume_bank(volumes, patch, n_class: int | None = None) -> VolumeBank:
+    """Stack [(image [H, W, D], label [H, W, D])] for slab sampling (see VolumeBank).
+
+    Foreground is a label in 1..n_class-1 (any label > 0 without n_class): labels outside
+    the classes (no_class_labels) never make a slice count as labelled.
+    """
     if not volumes:
         raise DataError("no training volume given")
     padded = []
@@ -555,7 +654,8 @@ def volume_bank(volumes, patch) -> VolumeBank:
     sizes, labelled, images, labels = [], [], [], []
     for image, label in padded:
         sizes.append(image.shape)
-        fg = np.flatnonzero(label.any(axis=(0, 1)))
+        fg = label > 0 if n_class is None else (label > 0) & (label < n_class)
+        fg = np.flatnonzero(fg.any(axis=(0, 1)))
         labelled.append((fg[0], fg[-1] + 1) if fg.size else (0, image.shape[2]))
         common = [(0, h - image.shape[0]), (0, w - image.shape[1]), (0, 0)]
         images.append(np.pad(image, common, mode="edge"))
@@ -622,30 +722,37 @@ def slab_dataset(bank: VolumeBank, patch, batch_size: int, seed: int = 0,
     return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
-def load_training_volumes(list_path: str, n_class: int | None = None
+def load_training_volumes(list_path: str, n_class: int | None = None,
+                          out_of_range: str = "error", what: str = ""
                           ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(image, label) arrays of every ``image,label`` entry of a volume list."""
+    """(image, label) arrays of every ``image,label`` entry of a volume list.
+
+    Labels outside 0..n_class-1 follow ``out_of_range`` (LabelCount.apply): an error naming
+    the files, or one line reporting them, mapped to n_class (no class).
+    """
     entries = check_list_files(list_path)
     bad = [e for e in entries if e.endswith(".npz") or len(e.split(",")) != 2]
     if bad:
         raise DataError(f"{list_path}: 3D training needs 'image,label' NIfTI pairs, got "
                         f"{bad[0]!r}")
     out = []
+    labels = LabelCount(n_class) if n_class is not None else None
     for entry in entries:
         v = load_volume(entry)
-        check_volume(v, entry.split(",")[0], n_class)
-        out.append((v.image, v.label))
+        check_volume(v, entry.split(",")[0])
+        label = v.label
+        if labels is not None and labels.add(label, entry.split(",")[1]).any():
+            label = no_class_labels(label, n_class)
+        out.append((v.image, label))
+    if labels is not None:
+        labels.apply(out_of_range, what or list_path)
     return out
 
 
-def check_volume(volume: Volume, path: str, n_class: int | None) -> None:
-    """DataError naming ``path`` for NaN/Inf in the image or labels outside 0..n_class-1."""
+def check_volume(volume: Volume, path: str) -> None:
+    """DataError naming ``path`` for NaN or Inf in the image."""
     if not np.all(np.isfinite(volume.image)):
         raise DataError(f"{path}: NaN or Inf in the image")
-    if n_class is not None and volume.label.size and (
-            volume.label.min() < 0 or volume.label.max() >= n_class):
-        raise DataError(f"{path}: label values {int(volume.label.min())}..."
-                        f"{int(volume.label.max())} outside 0..{n_class - 1}")
 
 
 def volume_training_data(config: dict, train_lists: dict, val_lists: dict,
@@ -657,14 +764,17 @@ def volume_training_data(config: dict, train_lists: dict, val_lists: dict,
     seed = config.get("SEED") or 0
     patch = [int(p) for p in config["PATCH_SIZE"]]
 
-    def build(lists, offset, start):
+    def build(lists, offset, start, part):
         out = {}
         for i, (m, list_path) in enumerate(lists.items()):
-            bank = volume_bank(load_training_volumes(list_path, config["N_CLASS"]), patch)
+            volumes = load_training_volumes(list_path, config["N_CLASS"],
+                                            config.get("OUT_OF_RANGE_LABELS", "error"),
+                                            f"{m} {part} volumes")
+            bank = volume_bank(volumes, patch, config["N_CLASS"])
             out[m] = slab_dataset(bank, patch, config["BATCH_SIZE"], seed + i + offset, start)
         return zip_modalities(out)
 
-    train = build(train_lists, 0, start_step)
-    val = (build(val_lists, 100, validation_start(config, start_step))
+    train = build(train_lists, 0, start_step, "training")
+    val = (build(val_lists, 100, validation_start(config, start_step), "validation")
            if val_lists and len(val_lists) == len(train_lists) else None)
     return train, val

@@ -7,7 +7,9 @@ Every voxel of every test volume is predicted through its modality's BN branch:
 Then Dice, ASSD and HD95 per class and case (lib/metrics.py), and under
 OUTPUT_PATH/results/: metrics.json, metrics.csv, predictions/<case>_pred.nii.gz and
 <case>_gt.nii.gz (in the geometry of the original scan when data preparation recorded it in
-dataset.json next to the test list), and figures/.
+dataset.json next to the test list, else in the test file's own grid and layout), and
+figures/. With PAPER_PROTOCOL, the same predictions are also scored as the published
+scripts did (``paper_coverage``, metrics.evaluate_case's "paper" protocol).
 
 Volumes are [H, W, D] numpy arrays, slices along the last axis (lib/data.py).
 """
@@ -23,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from lib import figures, metrics
-from lib.data import Volume, load_volume, read_list
+from lib.data import LabelCount, Volume, case_name, load_volume, read_list
 
 DATASET_JSON = "dataset.json"
 
@@ -126,33 +128,72 @@ def predict_volume_3d(predict_fn, modality: str, image_hwd: np.ndarray, patch, n
 
 
 # ---------------------------------------------------------------------- evaluation
-def load_test_volumes(list_path: str, npz_flip: bool = True) -> list[tuple[Volume, dict | None]]:
-    """Volumes of a test list with their dataset.json record (None when there is none).
+TEST_FLIPS = ("npz", "released", "none")  # TEST_FLIP
 
-    dataset.json is looked up next to the list file and in its parent folder (the layout
-    written by data/prepare.py). A volume whose file has no voxel size (.npz) takes the
-    prepared spacing of its record, so that surface distances are in mm either way.
+
+def flips(entry: str, prepared: bool, rule: str) -> bool:
+    """Whether a test volume is flipped on axes 0 and 1 to the training slices' layout.
+
+    ``rule`` (TEST_FLIP): "npz" flips .npz files (the original test format stores them
+    flipped; data/prepare.py writes its .npz files the same way); "released" flips NIfTI
+    volumes too unless data/prepare.py wrote them (``prepared``: a dataset.json record):
+    the released cardiac test volumes are flipped against the released training slices;
+    "none" flips nothing.
     """
-    records = {}
+    if rule not in TEST_FLIPS:
+        raise ValueError(f"TEST_FLIP: expected one of {', '.join(TEST_FLIPS)}, got {rule!r}")
+    if rule == "none":
+        return False
+    return entry.endswith(".npz") or (rule == "released" and not prepared)
+
+
+def _dataset_records(list_path: str) -> dict:
+    """{case name: dataset.json record} of the dataset.json next to the list file or in its
+    parent folder (the layout written by data/prepare.py); {} when there is none."""
     base = os.path.dirname(os.path.abspath(list_path))
     for folder in (base, os.path.dirname(base)):
         path = os.path.join(folder, DATASET_JSON)
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as handle:
                 info = json.load(handle)
-            records = {c["name"]: {**c, "_folder": folder}
-                       for c in info.get("cases", []) if "name" in c}
-            break
+            return {c["name"]: {**c, "_folder": folder}
+                    for c in info.get("cases", []) if "name" in c}
+    return {}
+
+
+def load_test_volumes(list_path: str, flip: str = "npz") -> list[tuple[Volume, dict | None]]:
+    """Volumes of a test list with their dataset.json record (None when there is none).
+
+    Each volume is flipped or not by the TEST_FLIP rule ``flip`` (see ``flips``). A volume
+    whose file has no voxel size (.npz) takes the prepared spacing of its record, so that
+    surface distances are in mm either way.
+    """
+    records = _dataset_records(list_path)
     out = []
     for entry in read_list(list_path):
-        volume = load_volume(entry, npz_flip=npz_flip)
-        record = records.get(volume.name)
+        record = records.get(case_name(entry.split(",")[0]))
+        volume = load_volume(entry, flip=flips(entry, record is not None, flip))
         spacing = (record or {}).get("prepared", {}).get("spacing")
         if volume.spacing is None and spacing:
             # .npz files carry no geometry; data preparation recorded the prepared voxel size
             volume = dataclasses.replace(volume, spacing=tuple(float(v) for v in spacing))
         out.append((volume, record))
     return out
+
+
+def paper_coverage(depth: int, batch_size: int, seed: int = 0) -> np.ndarray:
+    """[D] bool: the slices the original 2D test predicts; the others stay background.
+
+    The original takes slices 1..D-2 (those with both neighbours) in a shuffled order and
+    predicts floor(D / batch_size) batches of them, so the first and last slices and, when
+    D mod batch_size > 2, another D mod batch_size - 2 slices drawn at random are left out.
+    Its shuffle was unseeded; here it is drawn from ``seed``.
+    """
+    frames = np.arange(1, depth - 1)
+    np.random.default_rng(seed).shuffle(frames)
+    covered = np.zeros(depth, bool)
+    covered[frames[: (depth // batch_size) * batch_size]] = True
+    return covered
 
 
 def _save_labels(path: str, labels: np.ndarray, record: dict | None, affine) -> None:
@@ -174,12 +215,20 @@ def _save_labels(path: str, labels: np.ndarray, record: dict | None, affine) -> 
 
 
 def evaluate(predict, test_lists: dict, class_names: list[str], output_path: str,
-             checkpoint: str, log=print, npz_flip: bool = True,
-             log_path: str | None = None) -> dict:
+             checkpoint: str, log=print, log_path: str | None = None, *, flip: str = "npz",
+             out_of_range: str = "error", paper_protocol: bool = False,
+             coverage=None) -> dict:
     """Predict every test volume of every modality, score it and write the results.
 
     predict(modality, image [H, W, D]) -> labels [H, W, D]; test_lists maps modality ->
-    list file; class_names are the names of classes 1..C-1. Returns the metrics.json dict.
+    list file; class_names are the names of classes 1..C-1. ``flip``: the TEST_FLIP rule
+    (``flips``). Ground-truth labels outside 0..C-1 follow ``out_of_range``
+    (OUT_OF_RANGE_LABELS): an error naming the file, or no class (they count for none).
+    ``paper_protocol``: also score as the published scripts did (metrics.evaluate_case's
+    "paper" protocol), on the same predictions with the slices outside ``coverage(depth)``
+    ([D] bool; None: every slice) set to background; written beside ours as
+    ``paper_protocol`` in metrics.json and metrics_paper_protocol.csv.
+    Returns the metrics.json dict.
     """
     results_dir = os.path.join(output_path, "results")
     pred_dir = os.path.join(results_dir, "predictions")
@@ -189,9 +238,19 @@ def evaluate(predict, test_lists: dict, class_names: list[str], output_path: str
     classes = {c: name for c, name in enumerate(class_names, start=1)}
     n_class = len(class_names) + 1
     report = {"checkpoint": checkpoint, "classes": list(class_names)}
+    paper = {}
     for modality, list_path in test_lists.items():
-        cases, shown, unit = [], False, "mm"
-        for volume, record in load_test_volumes(list_path, npz_flip=npz_flip):
+        cases, paper_cases, shown, unit = [], [], False, "mm"
+        volumes = load_test_volumes(list_path, flip=flip)
+        labels = LabelCount(n_class)
+        for volume, _ in volumes:
+            labels.add(volume.label, volume.meta.get("label_file", volume.name))
+        labels.apply(out_of_range, f"{modality} test volumes", log)
+        flipped = sum(v.flipped for v, _ in volumes)
+        if flipped:
+            log(f"  {modality}: {flipped} of {len(volumes)} test volumes flipped on axes 0 "
+                f"and 1 to the training slices' layout (TEST_FLIP={flip})")
+        for volume, record in volumes:
             if volume.spacing is None and unit == "mm":
                 unit = "voxel"
                 log(f"  {modality}: {volume.name} has no voxel size (an .npz file without a "
@@ -201,18 +260,29 @@ def evaluate(predict, test_lists: dict, class_names: list[str], output_path: str
             case = {"case": volume.name,
                     **metrics.evaluate_case(pred, volume.label, volume.spacing, classes)}
             cases.append(case)
+            if paper_protocol:
+                covered = pred if coverage is None else np.where(
+                    coverage(pred.shape[2])[None, None, :], pred, 0)
+                paper_cases.append({"case": volume.name, **metrics.evaluate_case(
+                    covered, volume.label, None, classes, protocol="paper")})
             stem = os.path.join(pred_dir, volume.name)
-            _save_labels(stem + "_pred.nii.gz", pred, record, volume.affine)
+            # labels of no class are written as background, as the original did
+            gt = np.where((volume.label >= 0) & (volume.label < n_class), volume.label, 0)
+            # on the volume's own grid, in the file's layout; restore_prediction takes the
+            # prepared (training) layout
+            back = (lambda a: np.flip(a, (0, 1))) if volume.flipped and record is None else (
+                lambda a: a)
+            _save_labels(stem + "_pred.nii.gz", back(pred), record, volume.affine)
             exact_gt = (os.path.join(record["_folder"], record["files"]["gt"])
                         if record is not None and record.get("files", {}).get("gt") else "")
             if os.path.isfile(exact_gt):
                 # data preparation wrote the mapped labels at full resolution: use them
                 shutil.copyfile(exact_gt, stem + "_gt.nii.gz")
             else:
-                _save_labels(stem + "_gt.nii.gz", volume.label, record, volume.affine)
+                _save_labels(stem + "_gt.nii.gz", back(gt), record, volume.affine)
             if not shown:
                 figures.slice_grid(os.path.join(fig_dir, f"{modality}_slices.png"),
-                                   volume.image, volume.label, pred, n_class, class_names,
+                                   volume.image, gt, pred, n_class, class_names,
                                    title=f"{modality.upper()} {volume.name}")
                 shown = True
             log(f"  {modality} {volume.name}: Dice " + ", ".join(
@@ -220,16 +290,26 @@ def evaluate(predict, test_lists: dict, class_names: list[str], output_path: str
                 + f" ({time.time() - t0:.1f} s)")
         report[modality] = {**metrics.summarize(cases, classes), "distance_unit": unit,
                             "cases": cases}
+        if paper_protocol:
+            paper[modality] = {**metrics.summarize(paper_cases, classes),
+                               "distance_unit": "voxel", "cases": paper_cases}
     modality_results = {m: report[m] for m in test_lists}
     metrics.write_metrics_csv(os.path.join(results_dir, "metrics.csv"), modality_results)
     figures.dice_boxplot(os.path.join(fig_dir, "dice_boxplot.png"), modality_results,
                          class_names)
     if log_path and os.path.exists(log_path):
         figures.training_curves(os.path.join(fig_dir, "training_curves.png"), log_path)
+    if paper_protocol:
+        report["paper_protocol"] = paper
+        metrics.write_metrics_csv(os.path.join(results_dir, "metrics_paper_protocol.csv"),
+                                  paper)
     tmp = os.path.join(results_dir, "metrics.json.partial")
     with open(tmp, "w", encoding="utf-8") as handle:
         json.dump(metrics.to_jsonable(report), handle, indent=2, allow_nan=False)
     os.replace(tmp, os.path.join(results_dir, "metrics.json"))
     log(metrics.format_table(modality_results, classes))
+    if paper_protocol:
+        log("the published scripts' protocol (README, \"Evaluation\"), same predictions:")
+        log(metrics.format_table(paper, classes))
     log(f"results written to {results_dir}")
     return report

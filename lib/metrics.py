@@ -11,6 +11,10 @@ Definitions (all masks are boolean arrays of the same shape, 2D [H, W] or 3D [H,
   (concatenated) into one array.
 * ASSD = mean of the pooled distances; HD95 = 95th percentile of the pooled distances
   (``np.percentile`` with its default linear interpolation).
+* The published evaluation scripts' protocol (``evaluate_case(..., protocol="paper")``):
+  distances in voxels whatever the spacing, and ASSD = (mean(d_pg) + mean(d_gp)) / 2, the
+  mean of the two directed means, which differs from the pooled mean whenever the two
+  surfaces have different numbers of voxels.
 * Empty masks: both empty -> Dice 1, ASSD/HD95 0.0; exactly one empty -> Dice 0 and ASSD/HD95
   NaN. The NaN is kept on purpose: summaries count such cases (``n_undefined``) and tables show
   them, instead of crashing or silently dropping the case.
@@ -74,24 +78,22 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~eroded
 
 
-def surface_distances(pred, gt, spacing=None) -> np.ndarray:
-    """Pooled surface distances (mm) between two non-empty-or-empty masks.
+def directed_surface_distances(pred, gt, spacing=None) -> tuple[np.ndarray, np.ndarray]:
+    """(d_pg, d_gp): distances (mm) from each surface voxel of ``pred`` to the nearest
+    surface voxel of ``gt``, and from ``gt`` to ``pred``.
 
     Args:
         pred, gt: boolean masks of equal shape, [H, W] or [H, W, D].
         spacing: voxel size per axis (len == ndim), or None for all ones.
 
-    Returns:
-        1D float array: distances from each surface voxel of ``pred`` to the nearest surface
-        voxel of ``gt``, followed by those from ``gt`` to ``pred``. Empty when both masks are
-        empty. Raises ValueError when exactly one mask is empty (the distance is undefined);
-        ``assd``/``hd95`` turn that case into NaN.
+    Both empty when both masks are empty. Raises ValueError when exactly one mask is empty
+    (the distance is undefined); ``assd``/``hd95`` turn that case into NaN.
     """
     pred, gt = _as_masks(pred, gt)
     spacing = _as_spacing(spacing, pred.ndim)
     has_p, has_g = bool(pred.any()), bool(gt.any())
     if not has_p and not has_g:
-        return np.zeros(0, dtype=float)
+        return np.zeros(0, dtype=float), np.zeros(0, dtype=float)
     if has_p != has_g:
         raise ValueError("surface distance is undefined when exactly one mask is empty")
 
@@ -109,7 +111,13 @@ def surface_distances(pred, gt, spacing=None) -> np.ndarray:
     # EDT of ~surface gives, at every voxel, the distance to the nearest surface voxel.
     dt_to_g = ndimage.distance_transform_edt(~sg, sampling=spacing)
     dt_to_p = ndimage.distance_transform_edt(~sp, sampling=spacing)
-    return np.concatenate([dt_to_g[sp], dt_to_p[sg]]).astype(float)
+    return dt_to_g[sp].astype(float), dt_to_p[sg].astype(float)
+
+
+def surface_distances(pred, gt, spacing=None) -> np.ndarray:
+    """Pooled surface distances (mm): d_pg followed by d_gp (directed_surface_distances),
+    one 1D array; empty when both masks are empty."""
+    return np.concatenate(directed_surface_distances(pred, gt, spacing))
 
 
 def _distance_stat(pred, gt, spacing, reduce) -> float:
@@ -155,31 +163,43 @@ def class_items(classes) -> list[tuple[int, str]]:
     raise TypeError(f"classes must be a dict {{id: name}} or a list of names, got {type(classes)}")
 
 
-def evaluate_case(pred_labels, gt_labels, spacing, classes) -> dict:
+PROTOCOLS = ("ours", "paper")
+
+
+def evaluate_case(pred_labels, gt_labels, spacing, classes, protocol: str = "ours") -> dict:
     """Dice, ASSD and HD95 of each class of one case.
 
     Args:
         pred_labels, gt_labels: integer label maps of equal shape, [H, W] or [H, W, D].
+            Labels outside ``classes`` belong to none of them.
         spacing: voxel size per axis, or None.
         classes: dict {class_id: name} or list of names for ids 1..len.
+        protocol: "ours" (the module's definitions, distances in mm) or "paper", the
+            published evaluation scripts': distances in voxels whatever the spacing, and
+            ASSD = (mean(d_pg) + mean(d_gp)) / 2, the mean of the two directed means
+            (HD95 stays the 95th percentile of the pooled distances, in voxels).
 
     Returns:
         {"dice": {name: float}, "assd": {name: float}, "hd95": {name: float}}; distances are
         NaN for a class present in exactly one of the two label maps.
     """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     pred_labels = np.asarray(pred_labels)
     gt_labels = np.asarray(gt_labels)
     if pred_labels.shape != gt_labels.shape:
         raise ValueError(f"pred shape {pred_labels.shape} != gt shape {gt_labels.shape}")
-    spacing = _as_spacing(spacing, pred_labels.ndim)
+    spacing = _as_spacing(None if protocol == "paper" else spacing, pred_labels.ndim)
     out: dict = {m: {} for m in METRICS}
     for cid, name in class_items(classes):
         p, g = pred_labels == cid, gt_labels == cid
         out["dice"][name] = dice_score(p, g)
         if p.any() and g.any():
-            d = surface_distances(p, g, spacing)  # computed once for both statistics
-            out["assd"][name] = float(np.mean(d))
-            out["hd95"][name] = float(np.percentile(d, 95))
+            d_pg, d_gp = directed_surface_distances(p, g, spacing)  # once for both statistics
+            pooled = np.concatenate([d_pg, d_gp])
+            out["assd"][name] = float((np.mean(d_pg) + np.mean(d_gp)) / 2.0
+                                      if protocol == "paper" else np.mean(pooled))
+            out["hd95"][name] = float(np.percentile(pooled, 95))
         else:
             out["assd"][name] = assd(p, g, spacing)
             out["hd95"][name] = hd95(p, g, spacing)

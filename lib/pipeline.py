@@ -42,6 +42,8 @@ class Network:
                                  # -> (train, val) datasets, resumable at the start step
     predictor: Callable          # (model, config) -> predict(modality, image_hwd) -> labels
     prepare_data: Callable | None = None  # config -> None: create demo data if needed
+    paper_coverage: Callable | None = None  # (config, depth) -> [D] bool: the slices the
+                                 # original test predicts (PAPER_PROTOCOL); None: all
 
 
 def resolve_paths(config: dict, root: str) -> dict:
@@ -104,6 +106,12 @@ def check_settings(config: dict) -> None:
         raise ConfigError(f"LEARNING_RATE: expected a number > 0, got "
                           f"{config['LEARNING_RATE']!r}")
     check_kd_classes(config.get("KD_CLASSES", "all"))
+    from lib.data import LABEL_RULES
+    from lib.evaluate import TEST_FLIPS
+    for key, allowed in (("OUT_OF_RANGE_LABELS", LABEL_RULES), ("TEST_FLIP", TEST_FLIPS)):
+        if config[key] not in allowed:
+            raise ConfigError(f"{key}: expected one of {', '.join(allowed)}, got "
+                              f"{config[key]!r}")
 
 
 def train_and_evaluate(config: dict, network: Network) -> dict | None:
@@ -166,10 +174,14 @@ def train_and_evaluate(config: dict, network: Network) -> dict | None:
     from lib.evaluate import evaluate
 
     predict = network.predictor(model, config)
+    coverage = None
+    if network.paper_coverage is not None:
+        coverage = lambda depth: network.paper_coverage(config, depth)
     return evaluate(predict, {m: lists[m]["test"] for m in lists}, config["CLASS_NAMES"],
                     output_path, checkpoint, log=logger.info,
-                    npz_flip=config.get("NPZ_FLIP", True),
-                    log_path=os.path.join(output_path, LOG_FILE))
+                    log_path=os.path.join(output_path, LOG_FILE), flip=config["TEST_FLIP"],
+                    out_of_range=config["OUT_OF_RANGE_LABELS"],
+                    paper_protocol=config["PAPER_PROTOCOL"], coverage=coverage)
 
 
 from lib.cli import main  # noqa: E402,F401  (the entry scripts' main, kept importable here)

@@ -13,7 +13,9 @@ START_OVER = False           # move a different run in OUTPUT_PATH aside and sta
 # --- task
 N_CLASS = 5                  # classes including background
 CLASS_NAMES = ["lv_myo", "la_blood", "lv_blood", "aa"]  # names of classes 1..N_CLASS-1
-NPZ_FLIP = True              # flip axes 0 and 1 of .npz test volumes (the original's layout)
+OUT_OF_RANGE_LABELS = "error"  # labels outside 0..N_CLASS-1: "error" (stop, naming the file) or "ignore" (no class, as the original)
+TEST_FLIP = "npz"            # flip test volumes on axes 0, 1: "npz", "released" (.npz + NIfTI not from data/prepare.py) or "none"
+PAPER_PROTOCOL = False       # also score the test as the published scripts did (README, "Evaluation")
 SCHEME = "ummkd"             # sharing scheme: ummkd, separate_bn, joint, individual, y_shape, x_shape
 
 # --- objective and optimisation
@@ -23,6 +25,7 @@ MIU_KD = 0.5                 # weight of the knowledge-distillation loss (used b
 MIU_SEG_L2_NORM = 1e-4       # weight of the L2 penalty on convolution kernels
 KD_TEMPERATURE = 2.0         # softmax temperature of the distillation loss
 KD_CLASSES = "all"           # KD over "all" classes (the paper) or those "present" in both batches
+ADAM_EPSILON = 1e-8          # Adam's epsilon (the original's TF1 default; Keras' own is 1e-7)
 LR_DECAY = 0.95              # learning-rate factor applied every LR_DECAY_STEPS (staircase)
 PRECISION = "auto"           # "fp32", "bf16", "fp16" or "auto" (bf16 where fast, else fp32)
 XLA = False                  # compile the training step with XLA (for GPUs; slower on CPUs)

@@ -42,7 +42,7 @@ from lib.schemes import get_scheme
 CONFIG_FILE = "config.json"
 LOG_FILE = "log.jsonl"
 # Settings added after runs were saved: a saved config without one had this value.
-LATER_KEYS = {"KD_CLASSES": "all"}
+LATER_KEYS = {"KD_CLASSES": "all", "OUT_OF_RANGE_LABELS": "error", "ADAM_EPSILON": 1e-7}
 # Settings that change neither what a run trains nor what its test reports.
 BOOKKEEPING_KEYS = {"PHASE", "TENSORBOARD_PORT", "DISPLAY_STEP", "CHECKPOINT_SPACE",
                     "SUMMARY_STEP", "KEEP_CHECKPOINTS", "PROGRESS", "RESUME", "START_OVER",
@@ -50,7 +50,8 @@ BOOKKEEPING_KEYS = {"PHASE", "TENSORBOARD_PORT", "DISPLAY_STEP", "CHECKPOINT_SPA
                     "CPU_DEVICES"}
 # Settings that may change between a run and its resumption without changing the run.
 RESUMABLE_KEYS = BOOKKEEPING_KEYS | {
-    "NUM_STEPS", "SOURCE_TEST_LIST", "TARGET_TEST_LIST", "TEST_STRIDE", "NPZ_FLIP",
+    "NUM_STEPS", "SOURCE_TEST_LIST", "TARGET_TEST_LIST", "TEST_STRIDE", "TEST_FLIP",
+    "PAPER_PROTOCOL", "NPZ_FLIP",  # NPZ_FLIP: the test flip of runs saved before TEST_FLIP
     "DATASET_JSON_SOURCE", "DATASET_JSON_TARGET", "SOURCE_VAL_LIST", "TARGET_VAL_LIST",
     "DISTRIBUTE"}
 # Settings that define the network: a checkpoint only fits a network with the same ones
@@ -91,7 +92,7 @@ def learning_rate_schedule(config: dict):
 
 
 def make_optimizer(config: dict, model) -> keras.optimizers.Optimizer:
-    optimizer = FusedAdam(learning_rate_schedule(config))
+    optimizer = FusedAdam(learning_rate_schedule(config), epsilon=config["ADAM_EPSILON"])
     if config.get("PRECISION") == "fp16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     # Create the slot variables now so that a checkpoint restores them immediately.
@@ -469,10 +470,11 @@ _PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0
 
 
 def _label_image(labels, n_class):
-    """[B, H, W(, D)] class ids -> [B, H, W, 3] colours."""
-    palette = tf.constant(np.resize(_PALETTE, (max(n_class, 1), 3)))
-    return tf.gather(palette, tf.clip_by_value(_middle(tf.cast(labels, tf.int32)), 0,
-                                               n_class - 1))
+    """[B, H, W(, D)] class ids -> [B, H, W, 3] colours; ids outside the classes grey."""
+    palette = np.concatenate([np.resize(_PALETTE, (max(n_class, 1), 3)), [[0.5] * 3]])
+    labels = _middle(tf.cast(labels, tf.int32))
+    inside = (labels >= 0) & (labels < n_class)
+    return tf.gather(tf.constant(palette, tf.float32), tf.where(inside, labels, n_class))
 
 
 def check_output(config: dict, output_path: str) -> str:

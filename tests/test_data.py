@@ -219,7 +219,7 @@ def test_npz_volume_with_flip(tmp_path):
     lab = (img > 10).astype(np.int32)
     path = str(tmp_path / "case_1.npz")
     np.savez(path, np.flip(img, (0, 1)), np.flip(lab, (0, 1)))
-    vol = data.load_volume(path, npz_flip=True)
+    vol = data.load_volume(path, flip=True)
     np.testing.assert_array_equal(vol.image, img)
     np.testing.assert_array_equal(vol.label, lab)
     assert vol.name == "case_1"
