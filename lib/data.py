@@ -606,6 +606,9 @@ def slice_training_data(config: dict, train_lists: dict, val_lists: dict, augmen
                 labels = LabelCount(config["N_CLASS"])
                 validate_tfrecords(files, list_path, labels)
                 labels.apply(rule, f"{m} {part} slices")
+            elif rule == "ignore":
+                _log(f"{m} {part} slices: labels outside 0..{config['N_CLASS'] - 1} not "
+                     f"counted (CHECK_DATA=False); OUT_OF_RANGE_LABELS=ignore: no class")
             streams[m] = slice_dataset(files, config["IMAGE_SIZE"], config["BATCH_SIZE"],
                                        seed=seed + i + offset, start_step=start, augment=aug,
                                        n_class=config["N_CLASS"], out_of_range=rule)

@@ -181,6 +181,17 @@ def load_test_volumes(list_path: str, flip: str = "npz") -> list[tuple[Volume, d
     return out
 
 
+def count_test_labels(volumes, n_class: int) -> LabelCount:
+    """The labels of test volumes (Volume objects, or the entries of a test list file)
+    counted against 0..n_class-1, naming each volume by its label file."""
+    if isinstance(volumes, str):
+        volumes = [load_volume(entry, flip=False) for entry in read_list(volumes)]
+    labels = LabelCount(n_class)
+    for volume in volumes:
+        labels.add(volume.label, volume.meta.get("label_file", volume.name))
+    return labels
+
+
 def paper_coverage(depth: int, batch_size: int, seed: int = 0) -> np.ndarray:
     """[D] bool: the slices the original 2D test predicts; the others stay background.
 
@@ -242,10 +253,8 @@ def evaluate(predict, test_lists: dict, class_names: list[str], output_path: str
     for modality, list_path in test_lists.items():
         cases, paper_cases, shown, unit = [], [], False, "mm"
         volumes = load_test_volumes(list_path, flip=flip)
-        labels = LabelCount(n_class)
-        for volume, _ in volumes:
-            labels.add(volume.label, volume.meta.get("label_file", volume.name))
-        labels.apply(out_of_range, f"{modality} test volumes", log)
+        count_test_labels([v for v, _ in volumes], n_class).apply(
+            out_of_range, f"{modality} test volumes", log)
         flipped = sum(v.flipped for v, _ in volumes)
         if flipped:
             log(f"  {modality}: {flipped} of {len(volumes)} test volumes flipped on axes 0 "

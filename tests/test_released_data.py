@@ -314,3 +314,21 @@ def test_paper_protocol_assd_is_the_mean_of_directed_means_in_voxels():
     assert paper["assd"]["a"] == pytest.approx(2.25)
     assert paper["hd95"]["a"] == pytest.approx(np.percentile([2, 2, 3], 95))
     assert paper["dice"] == ours["dice"] == {"a": 0.0}
+
+
+def test_test_labels_outside_the_classes_stop_train_test_before_training(tmp_path, capsys):
+    from conftest import tiny_overrides, write_tiny_dataset
+    from lib.data import read_list
+
+    lists = write_tiny_dataset(str(tmp_path / "data"))
+    label_file = read_list(lists["ct"]["test"])[0].split(",")[1]
+    img = nib.load(label_file)
+    label = np.asarray(img.dataobj).copy()
+    label[0, 0, 0] = 9  # N_CLASS = 3
+    nib.save(nib.Nifti1Image(label, img.affine), label_file)
+    out = str(tmp_path / "run")
+    assert main(vars(main_combine), main_combine.network, tiny_overrides(lists, out),
+                main_combine.PRESETS, main_combine.TYPES, main_combine._ROOT) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {label_file}: label values outside 0..2 (value 9 on ")
+    assert "\n" not in err and not os.path.exists(out)
