@@ -136,7 +136,7 @@ def build(args, config):
 
 def run(args) -> dict:
     config = dict(N_CLASS=args.n_class, FEATURE_BASE=args.feature_base, SCHEME=args.scheme,
-                  SEED=0, PRECISION=args.precision, LEARNING_RATE=1e-3, ADAM_EPSILON=1e-8,
+                  SEED=0, PRECISION=args.precision, LEARNING_RATE=1e-3, ADAM_EPSILON=1e-7,
                   MIU_SEG_DICE=1.0, MIU_SEG_CE=1.0, MIU_KD=0.5, MIU_SEG_L2_NORM=1e-4, KD_TEMPERATURE=2.0,
                   CHECKPOINT_SPACE=10 ** 9, DISPLAY_STEP=10 ** 9, NUM_STEPS=10 ** 9,
                   XLA=args.xla)
