@@ -19,6 +19,7 @@ if os.path.dirname(_HERE) not in sys.path:
 
 from data import phantom  # noqa: E402
 from data.prepare import prepare  # noqa: E402
+from lib.files import write_json, write_text  # noqa: E402
 
 PHANTOM_LABELS = {1: 1, 2: 2, 3: 3, 4: 4}  # the phantom writes the class ids directly
 SLICE_AXIS = "axial"
@@ -52,8 +53,7 @@ def ensure_demo_data(folder: str, image_size: int = 64, seed: int = 0, log=print
                 split=info["split"], image_size=image_size, slice_axis=SLICE_AXIS,
                 crop="label", train_volumes=True, seed=seed, overwrite=True,
                 log=lambda *a, **k: None)
-    with open(os.path.join(tmp, "demo.json"), "w", encoding="utf-8") as handle:
-        json.dump(settings, handle)
+    write_json(os.path.join(tmp, "demo.json"), settings)
     if os.path.isdir(folder):  # generated data of other settings: ours to replace
         shutil.rmtree(folder)
     os.replace(tmp, folder)
@@ -61,7 +61,6 @@ def ensure_demo_data(folder: str, image_size: int = 64, seed: int = 0, log=print
         path = os.path.join(folder, m, "dataset.json")
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.write(text.replace(json.dumps(tmp)[1:-1], json.dumps(folder)[1:-1]))
+        write_text(path, text.replace(json.dumps(tmp)[1:-1], json.dumps(folder)[1:-1]))
     log("demo data ready")
     return lists

@@ -73,13 +73,19 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
+import sys
 import time
 
-import nibabel as nib
-import numpy as np
-from scipy import ndimage
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:  # run as a script: python data/phantom.py
+    sys.path.insert(0, _REPO)
+
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+from scipy import ndimage  # noqa: E402
+
+from lib.files import atomic_path, write_json  # noqa: E402
 
 LABELS = {0: "background", 1: "lv_myo", 2: "la_blood", 3: "lv_blood", 4: "aa"}
 MODALITIES = ("mr", "ct")
@@ -405,32 +411,14 @@ def subject_seeds(seed: int, modality: str, n: int) -> list[int]:
 
 
 def _save_nifti(array: np.ndarray, affine: np.ndarray, path: str, dtype) -> None:
-    """Write a NIfTI file atomically: temp name in the same folder, then os.replace."""
+    """Write a NIfTI file atomically (lib/files.py)."""
     img = nib.Nifti1Image(np.asarray(array).astype(dtype), affine)
     img.header.set_data_dtype(dtype)
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{name}")  # keeps the .nii.gz suffix
-    try:
+    with atomic_path(path) as tmp:
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _save_json(obj, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(obj, handle, indent=2)
-            handle.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def generate(out_dir: str, n_train: int = 8, n_val: int = 1, n_test: int = 3, seed: int = 0,
@@ -480,7 +468,7 @@ def generate(out_dir: str, n_train: int = 8, n_val: int = 1, n_test: int = 3, se
         split = {"train": names[:counts["train"]],
                  "val": names[counts["train"]:counts["train"] + counts["val"]],
                  "test": names[counts["train"] + counts["val"]:]}
-        _save_json(split, split_path)  # written last: its presence marks a complete folder
+        write_json(split_path, split)  # written last: its presence marks a complete folder
         result[modality] = {"cases": cases, "split": split}
     return result
 

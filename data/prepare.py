@@ -86,6 +86,7 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lib import prep  # noqa: E402
+from lib.files import atomic_path, write_json  # noqa: E402
 from lib.data import DataError, case_name, write_list, write_slices  # noqa: E402
 
 
@@ -252,14 +253,17 @@ def _write_volume(folder: str, name: str, image, label, record, case_label_mappe
     paths = {"image": os.path.join(folder, f"{name}_image.nii.gz"),
              "label": os.path.join(folder, f"{name}_label.nii.gz"),
              "gt": os.path.join(folder, f"{name}_gt.nii.gz")}
-    nib.save(_nifti(image, affine, np.float32), paths["image"])
-    nib.save(_nifti(label, affine, np.uint8), paths["label"])
-    nib.save(prep.original_nifti(case_label_mapped, record), paths["gt"])
+    for key, img in (("image", _nifti(image, affine, np.float32)),
+                     ("label", _nifti(label, affine, np.uint8)),
+                     ("gt", prep.original_nifti(case_label_mapped, record))):
+        with atomic_path(paths[key]) as tmp:
+            nib.save(img, tmp)
     if with_npz:
         paths["npz"] = os.path.join(folder, f"{name}.npz")
         # the original reader flips axes 0 and 1 of .npz volumes, so store them flipped
-        np.savez_compressed(paths["npz"], np.flip(image, (0, 1)).astype(np.float32),
-                            np.flip(label, (0, 1)).astype(np.uint8))
+        with atomic_path(paths["npz"]) as tmp:
+            np.savez_compressed(tmp, np.flip(image, (0, 1)).astype(np.float32),
+                                np.flip(label, (0, 1)).astype(np.uint8))
     return paths
 
 
@@ -450,9 +454,7 @@ def _write_all(root, cases, assignment, label_map, settings, log) -> dict:
         # a list of records with "name" (lib/evaluate.py looks them up by that key)
         "cases": records,
     }
-    with open(os.path.join(root, "dataset.json"), "w", encoding="utf-8") as handle:
-        json.dump(dataset, handle, indent=1)
-        handle.write("\n")
+    write_json(os.path.join(root, "dataset.json"), dataset, indent=1)
     return dataset
 
 

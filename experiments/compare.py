@@ -40,6 +40,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from lib.config import ConfigError, load_config, resolve  # noqa: E402
+from lib.files import write_text  # noqa: E402
 from lib.schemes import SCHEMES  # noqa: E402
 
 SCRIPTS = {"2d": os.path.join(ROOT, "main_combine.py"),
@@ -297,7 +298,7 @@ def write_csv(path: str, summary: dict, params: dict, seeds: dict) -> None:
             d = e["dice_avg"]
             writer.writerow([s, params.get(s, ""), seeds.get(s, 0), m, "average", num(d[0]),
                              num(d[1]), d[2], "", "", "", ""])
-    _atomic_write(path, buf.getvalue())
+    write_text(path, buf.getvalue())
 
 
 def bar_chart(path: str, summary: dict, title: str) -> None:
@@ -330,13 +331,6 @@ def bar_chart(path: str, summary: dict, title: str) -> None:
     _save(fig, path)
 
 
-def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".partial"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def _read_times(out: str) -> dict:
     path = os.path.join(out, "run_times.json")
     if not os.path.isfile(path):
@@ -348,7 +342,7 @@ def _read_times(out: str) -> dict:
 def _record_time(out: str, key: str, seconds: float) -> None:
     times = _read_times(out)
     times[key] = round(seconds, 1)
-    _atomic_write(os.path.join(out, "run_times.json"), json.dumps(times, indent=1))
+    write_text(os.path.join(out, "run_times.json"), json.dumps(times, indent=1))
 
 
 def load_reports(out: str, scheme: str, seeds) -> list[dict]:
@@ -478,7 +472,7 @@ def main(argv=None, log=print) -> int:
              f"wall time of this invocation: {wall:.0f} s"]
     title = f"Sharing schemes compared ({args.network}, preset {args.preset})"
     text = markdown(summary, params, title, notes)
-    _atomic_write(os.path.join(args.out, "comparison.md"), text + "\n")
+    write_text(os.path.join(args.out, "comparison.md"), text + "\n")
     write_csv(os.path.join(args.out, "comparison.csv"), summary, params, n_seeds)
     bar_chart(os.path.join(args.out, "comparison.png"), summary,
               f"{title}: {cfg0['NUM_STEPS']} steps, {args.seeds} seed(s)")

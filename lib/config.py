@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 
 
@@ -127,11 +126,9 @@ def help_text(config: dict) -> str:
 
 def save_config(config: dict, path: str) -> None:
     """Write the resolved configuration as JSON, atomically."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".partial"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(config, handle, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    from lib.files import write_json
+
+    write_json(path, config, sort_keys=True)
 
 
 def load_config(path: str) -> dict:

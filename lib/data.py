@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import tensorflow as tf
 
+from lib.files import atomic_path, write_text
+
 RELEASED_LABEL_CHANNELS = 3  # the released files store the label as [H, W, 3]
 
 
@@ -127,8 +129,7 @@ def write_list(list_path: str, entries: list[str]) -> None:
     for entry in entries:
         parts = [os.path.relpath(os.path.abspath(p), base) for p in entry.split(",")]
         lines.append(",".join(parts))
-    with open(list_path, "w", encoding="utf-8") as handle:
-        handle.write("\n".join(lines) + "\n")
+    write_text(list_path, "\n".join(lines) + "\n")
 
 
 def check_list_files(list_path: str) -> list[str]:
@@ -187,11 +188,10 @@ def write_slices(path: str, slices, label_layout: str = "released") -> None:
     Writes to a temporary name first so that an interrupted write never leaves a file that
     looks complete.
     """
-    tmp = path + ".partial"
-    with tf.io.TFRecordWriter(tmp) as writer:
-        for image, label in slices:
-            writer.write(encode_slice(image, label, label_layout))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        with tf.io.TFRecordWriter(tmp) as writer:
+            for image, label in slices:
+                writer.write(encode_slice(image, label, label_layout))
 
 
 _FEATURES = {

@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from lib import figures, metrics
+from lib.files import atomic_path, write_json
 from lib.data import LabelCount, Volume, case_name, load_volume, read_list
 
 DATASET_JSON = "dataset.json"
@@ -220,9 +221,8 @@ def _save_labels(path: str, labels: np.ndarray, record: dict | None, affine) -> 
                               affine if affine is not None else np.eye(4))
         img.set_qform(img.affine, code=1)
         img.set_sform(img.affine, code=1)
-    tmp = path + ".partial.nii.gz"
-    nib.save(img, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
 
 
 def evaluate(predict, test_lists: dict, class_names: list[str], output_path: str,
@@ -312,10 +312,8 @@ def evaluate(predict, test_lists: dict, class_names: list[str], output_path: str
         report["paper_protocol"] = paper
         metrics.write_metrics_csv(os.path.join(results_dir, "metrics_paper_protocol.csv"),
                                   paper)
-    tmp = os.path.join(results_dir, "metrics.json.partial")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(metrics.to_jsonable(report), handle, indent=2, allow_nan=False)
-    os.replace(tmp, os.path.join(results_dir, "metrics.json"))
+    write_json(os.path.join(results_dir, "metrics.json"), metrics.to_jsonable(report),
+               allow_nan=False)
     log(metrics.format_table(modality_results, classes))
     if paper_protocol:
         log("the published scripts' protocol (README, \"Evaluation\"), same predictions:")

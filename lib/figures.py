@@ -3,7 +3,7 @@
 Figures are built with matplotlib's object-oriented API on an explicit Agg canvas: pyplot is
 never imported, so no window can open, no global backend is switched for the caller, and
 figures are not kept alive by pyplot's registry (each one is freed once the function returns).
-Every PNG is written atomically (temp file in the destination folder, then ``os.replace``) so
+Every PNG is written atomically (lib/files.py: a temporary file renamed into place) so
 a crash never leaves a half-written image; parent folders are created.
 
 Volumes are numpy arrays [H, W, D] (in-plane axes first, slices along the last axis), as in
@@ -15,7 +15,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 
 import numpy as np
@@ -23,6 +22,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+
+from lib.files import atomic_path
 
 # Distinct colours for classes 1..; background (0) is never drawn.
 _CLASS_COLORS = ("tab:red", "tab:green", "tab:blue", "tab:orange", "tab:purple",
@@ -37,17 +38,9 @@ def _new_figure(figsize) -> Figure:
 
 
 def _save(fig: Figure, path: str, dpi: int = 100) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi)
     finally:
         fig.clear()
 

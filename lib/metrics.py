@@ -27,12 +27,12 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
+
+from lib.files import write_text
 
 METRICS = ("dice", "assd", "hd95")
 
@@ -272,20 +272,6 @@ def to_jsonable(obj):
 
 
 # ----------------------------------------------------------------------------- output
-def _atomic_write_text(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _csv_number(v) -> str:
     if v is None:
         return ""
@@ -311,7 +297,7 @@ def write_metrics_csv(path: str, results_by_modality: Mapping) -> None:
                     [modality, case_id, name]
                     + [_csv_number(case.get(m, {}).get(name)) for m in METRICS]
                 )
-    _atomic_write_text(path, buf.getvalue())
+    write_text(path, buf.getvalue())
 
 
 def _cell(mean, std, n_undef: int, fmt: str) -> str:

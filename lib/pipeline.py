@@ -13,14 +13,12 @@ test phase.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from typing import Callable
 
 import tensorflow as tf
 
 from lib.config import ConfigError, load_config
-from lib.data import DataError
 from lib.distribute import distribute_dataset, is_chief, make_strategy
 from lib.fast_ops import active_plan
 from lib.losses import check_kd_classes
@@ -186,6 +184,3 @@ def train_and_evaluate(config: dict, network: Network) -> dict | None:
                     log_path=os.path.join(output_path, LOG_FILE), flip=config["TEST_FLIP"],
                     out_of_range=config["OUT_OF_RANGE_LABELS"],
                     paper_protocol=config["PAPER_PROTOCOL"], coverage=coverage)
-
-
-from lib.cli import main  # noqa: E402,F401  (the entry scripts' main, kept importable here)

@@ -33,6 +33,7 @@ import tensorflow as tf
 
 from lib import interrupt, losses
 from lib.config import ConfigError, load_config, save_config
+from lib.files import write_text
 from lib.distribute import first_replica, is_chief, local_results, worker
 from lib.layers import MODALITIES, conv_kernels
 from lib.optim import FusedAdam
@@ -400,10 +401,7 @@ def trim_log(path: str, step: int) -> int:
     keep = [line for i, line in enumerate(lines) if not after(line, i == len(lines) - 1)]
     if len(keep) == len(lines):
         return 0
-    tmp = path + ".partial"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.writelines(keep)
-    os.replace(tmp, path)
+    write_text(path, "".join(keep))
     return len(lines) - len(keep)
 
 

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 
 import main_combine
 from conftest import ROOT, SHARED_REAL
-from lib.pipeline import main
+from lib.cli import main
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(SHARED_REAL),
                                 reason="../shared/data/abdomen_real is not there")

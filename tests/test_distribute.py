@@ -336,7 +336,7 @@ def log_records(output: str) -> list[dict]:
 def test_multi_worker_two_processes_equal_one_process(tiny_data, tmp_path):
     import main_combine
     from conftest import tiny_overrides
-    from lib.pipeline import main
+    from lib.cli import main
 
     # Synchronised BN and no dropout: the two workers' halves of each batch then give the
     # losses of the whole batch exactly (up to float rounding).
@@ -397,7 +397,7 @@ def test_multi_worker_two_processes_equal_one_process(tiny_data, tmp_path):
 def test_bad_distribute_settings_are_one_line_errors(args, tf_config, message, monkeypatch,
                                                      capsys):
     import main_combine
-    from lib.pipeline import main
+    from lib.cli import main
 
     if tf_config is None:
         monkeypatch.delenv("TF_CONFIG", raising=False)

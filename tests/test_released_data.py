@@ -20,7 +20,7 @@ from lib.data import (DataError, LabelCount, load_training_volumes, parse_slice,
                       read_records, validate_tfrecords, volume_bank)
 from lib.evaluate import evaluate, flips, paper_coverage
 from lib.losses import total_loss
-from lib.pipeline import main
+from lib.cli import main
 
 RELEASED = os.path.join(ROOT, "..", "shared", "data", "mmwhs_released_sample")
 RECORDS = {(m, split): os.path.join(RELEASED, f"data_{split}_{m}_image_01.tfrecords")

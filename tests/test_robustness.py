@@ -14,7 +14,7 @@ import tensorflow as tf
 import main_combine
 from conftest import ROOT, tiny_overrides, write_tiny_dataset
 from lib.data import encode_slice, read_list, write_slices
-from lib.pipeline import main
+from lib.cli import main
 from lib.train import trim_log
 
 

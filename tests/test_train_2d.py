@@ -8,7 +8,7 @@ import tensorflow as tf
 
 import main_combine
 from conftest import tiny_overrides
-from lib.pipeline import main
+from lib.cli import main
 
 
 def run(args):
