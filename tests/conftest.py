@@ -1,13 +1,10 @@
 """Shared test fixtures: tiny synthetic datasets in the project's own formats."""
 import os
-import sys
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # on sys.path: pytest.ini
 
 import lib  # noqa: E402,F401  before TensorFlow: the oneDNN default the entry scripts get
 

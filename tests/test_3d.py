@@ -16,7 +16,6 @@ from lib.fast_ops import PLANS, OpPlan, use_plan
 from lib.layers import bn_layers, conv_kernels
 
 HERE_3D = os.path.join(ROOT, "3d_implementation")
-sys.path.insert(0, HERE_3D)
 from model_3d import UNet3D  # noqa: E402
 
 

@@ -20,8 +20,6 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 TIMEOUT = 300  # seconds for any child process; a hung collective must not hang the suite
 
@@ -89,7 +87,6 @@ def _one_step(net: str, kind, reference=None, sync_bn: bool = True) -> dict:
     if net == "2d":
         from model_2d import build_model
     else:
-        sys.path.insert(0, os.path.join(ROOT, "3d_implementation"))
         from model_3d import build_model
     config = dict(_config(net), DISTRIBUTE=kind, SYNC_BN=sync_bn)
     strategy = make_strategy(config)
@@ -239,7 +236,8 @@ def test_mirrored_two_cpu_devices_equal_one_device():
     # one core each.
     procs = {net: subprocess.Popen([sys.executable, __file__, "mirrored", net], cwd=ROOT,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+                                   env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+                                            PYTHONPATH=os.pathsep.join(sys.path)))
              for net in NETWORKS}
     report = {}
     try:

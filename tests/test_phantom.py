@@ -1,14 +1,12 @@
 """Tests of the synthetic CT/MR phantom generator (data/phantom.py)."""
 import json
 import os
-import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import phantom  # noqa: E402
 
 SHAPE = (48, 48, 24)

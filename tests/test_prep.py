@@ -6,14 +6,12 @@ present, prepared at 64 x 64 to stay fast.
 import importlib.util
 import json
 import os
-import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 from lib import prep  # noqa: E402
 from lib.data import DataError, load_volume  # noqa: E402

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 from lib import prep  # noqa: E402
 from lib.data import load_volume, parse_slice, read_list  # noqa: E402
