@@ -81,7 +81,6 @@ _ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def network():
     """The 2D variant for lib.pipeline: model, slice batches, slice-wise prediction."""
-    sys.path.insert(0, _ROOT)
     from lib.data import slice_training_data
     from lib.evaluate import make_predict_fn, paper_coverage, predict_volume_2d
     from lib.pipeline import Network
@@ -111,7 +110,6 @@ def network():
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, _ROOT)
     from lib.cli import main
 
     sys.exit(main(globals(), network, presets=PRESETS, types=TYPES, root=_ROOT))

@@ -17,7 +17,9 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep errors to one readable line
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# the repository (lib/) and this folder (model_3d), from wherever this file is run or loaded
+sys.path[:0] = [p for p in (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            os.path.dirname(os.path.abspath(__file__))) if p not in sys.path]
 
 from lib.settings import *  # noqa: E402,F401,F403  shared with 2D: run control, loss, bookkeeping
 
@@ -77,9 +79,6 @@ _ROOT = os.path.dirname(_HERE)
 
 def network():
     """The 3D variant for lib.pipeline: model, slab batches, sliding-window prediction."""
-    for path in (_ROOT, _HERE):
-        if path not in sys.path:
-            sys.path.insert(0, path)
     from lib.data import volume_training_data
     from lib.evaluate import make_predict_fn, predict_volume_3d
     from lib.pipeline import Network
@@ -100,7 +99,6 @@ def network():
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, _ROOT)
     from lib.cli import main
 
     sys.exit(main(globals(), network, presets=PRESETS, types=TYPES, root=_ROOT))

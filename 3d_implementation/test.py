@@ -8,10 +8,7 @@ Uses the settings of main.py (one list, written there), with PHASE "test":
 
 Results go to OUTPUT_PATH/results/ (metrics.json, metrics.csv, predictions, figures).
 """
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # main.py, from anywhere
 
 from main import *  # noqa: F401,F403  the settings, PRESETS, TYPES and network()
 from main import _ROOT
@@ -20,7 +17,6 @@ PHASE = "test"               # this script only tests
 TEST_MODEL = ""              # checkpoint prefix to test; empty = latest of OUTPUT_PATH
 
 if __name__ == "__main__":
-    sys.path.insert(0, _ROOT)
     from lib.cli import main
 
     sys.exit(main(globals(), network, presets=PRESETS, types=TYPES, root=_ROOT))  # noqa: F405

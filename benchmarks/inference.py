@@ -16,8 +16,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "3d_implementation"))
+sys.path.insert(0, ROOT)  # run as a script: python benchmarks/inference.py
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import lib  # noqa: E402,F401  first: it sets the oneDNN default before TensorFlow loads
@@ -26,6 +25,7 @@ import tensorflow as tf  # noqa: E402
 
 from benchmarks.train_step import conv_flops  # noqa: E402
 from lib import evaluate  # noqa: E402
+from lib.cli import entry_module  # noqa: E402
 from lib.runtime import setup_runtime  # noqa: E402
 
 
@@ -44,15 +44,12 @@ def main(argv=None):
                   SEED=0, PRECISION=args.precision)
     precision = setup_runtime(config)
     volume = np.random.default_rng(0).normal(size=(args.size, args.size, args.depth))
+    model = entry_module(args.model).network().build_model(config)
     if args.model == "2d":
-        from model_2d import build_model
-        model = build_model(config)
         fn = evaluate.make_predict_fn(model, [args.size, args.size, 3])
         predict = lambda: evaluate.predict_volume_2d(fn, "ct", volume, args.size, args.batch_size)
         flops = conv_flops(model, tf.zeros([1, args.size, args.size, 3]), ("ct",)) * args.depth
     else:
-        from model_3d import build_model
-        model = build_model(config)
         fn = evaluate.make_predict_fn(model, [*args.patch, 1])
         predict = lambda: evaluate.predict_volume_3d(fn, "ct", volume, args.patch, args.n_class)
         ph, pw, pd = args.patch

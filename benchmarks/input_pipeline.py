@@ -21,7 +21,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, ROOT)  # run as a script: python benchmarks/input_pipeline.py
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import lib  # noqa: E402,F401  first: it sets the oneDNN default before TensorFlow loads

@@ -31,8 +31,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "3d_implementation"))
+sys.path.insert(0, ROOT)  # run as a script: python benchmarks/train_step.py
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import lib  # noqa: E402,F401  first: it sets the oneDNN default before TensorFlow loads
@@ -125,13 +124,10 @@ def peak_tflops(precision: str) -> dict:
 
 
 def build(args, config):
-    if args.model == "2d":
-        from model_2d import build_model
-        shape = [args.image_size, args.image_size, 3]
-    else:
-        from model_3d import build_model
-        shape = list(args.patch) + [1]
-    return build_model(config), shape
+    from lib.cli import entry_module
+
+    shape = [args.image_size] * 2 + [3] if args.model == "2d" else list(args.patch) + [1]
+    return entry_module(args.model).network().build_model(config), shape
 
 
 def run(args) -> dict:

@@ -11,15 +11,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if os.path.dirname(_HERE) not in sys.path:
-    sys.path.insert(0, os.path.dirname(_HERE))
-
-from data import phantom  # noqa: E402
-from data.prepare import prepare  # noqa: E402
-from lib.files import write_json, write_text  # noqa: E402
+from data import phantom
+from data.prepare import prepare
+from lib.files import write_json, write_text
 
 PHANTOM_LABELS = {1: 1, 2: 2, 3: 3, 4: 4}  # the phantom writes the class ids directly
 SLICE_AXIS = "axial"

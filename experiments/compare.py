@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import io
 import json
 import math
@@ -39,31 +38,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from lib.cli import SCRIPTS, entry_module  # noqa: E402
 from lib.config import ConfigError, load_config, resolve  # noqa: E402
 from lib.files import write_text  # noqa: E402
 from lib.schemes import SCHEMES  # noqa: E402
 
-SCRIPTS = {"2d": os.path.join(ROOT, "main_combine.py"),
-           "3d": os.path.join(ROOT, "3d_implementation", "main.py")}
 MODALITIES = ("mr", "ct")
 # Settings the comparison sets itself for every run (use its own flags instead).
 OWN = {"SCHEME": "--schemes", "SEED": "--seeds", "OUTPUT_PATH": "--out", "PHASE": "(fixed)",
        "PRESET": "--preset", "START_OVER": "(decided per run)"}
-_MODULES: dict = {}
 
 
 # ---------------------------------------------------------------------- settings
-def entry_module(network: str):
-    """The entry script of a network as a module (its settings, PRESETS and network())."""
-    if network not in SCRIPTS:
-        raise ConfigError(f"--network: expected 2d or 3d, got {network!r}")
-    if network not in _MODULES:
-        spec = importlib.util.spec_from_file_location(f"_ummkd_entry_{network}",
-                                                      SCRIPTS[network])
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        _MODULES[network] = module
-    return _MODULES[network]
 
 
 def run_config(network: str, preset: str, overrides=(), **settings) -> dict:

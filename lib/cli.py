@@ -15,6 +15,28 @@ from lib import interrupt
 from lib.config import ConfigError, resolve
 from lib.distribute import check_settings
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = {"2d": os.path.join(_ROOT, "main_combine.py"),
+           "3d": os.path.join(_ROOT, "3d_implementation", "main.py")}
+_MODULES: dict = {}
+
+
+def entry_module(network: str):
+    """The entry script of a network ("2d" or "3d") as a module: its settings, PRESETS,
+    TYPES and network(), for programs that run the networks without a command line
+    (experiments/, benchmarks/). Loaded once, by path (3d_implementation is no package)."""
+    import importlib.util
+
+    if network not in SCRIPTS:
+        raise ConfigError(f"--network: expected 2d or 3d, got {network!r}")
+    if network not in _MODULES:
+        spec = importlib.util.spec_from_file_location(f"_ummkd_entry_{network}",
+                                                      SCRIPTS[network])
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _MODULES[network] = module
+    return _MODULES[network]
+
 
 def main(namespace: dict, network_factory: Callable, argv=None, presets=None, types=None,
          root: str | None = None) -> int:
