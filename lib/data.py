@@ -587,37 +587,51 @@ def validation_start(config: dict, start_step: int) -> int:
     return start_step // config["DISPLAY_STEP"]
 
 
-def slice_training_data(config: dict, train_lists: dict, val_lists: dict, augment=None,
-                        start_step: int = 0):
-    """2D training and validation batches for every modality from their TFRecord lists.
+def modality_streams(config: dict, train_lists: dict, val_lists: dict, start_step: int,
+                     stream):
+    """(train, val): zipped batches of every modality, the same rule for 2D and 3D.
 
-    Each modality gets its own seed (SEED + its index) so the two streams are independent.
-    With CHECK_DATA every record of every file is read once first (fail fast), and labels
-    outside the classes are reported (or refused) before training, per OUT_OF_RANGE_LABELS.
+    ``stream(modality, list_path, seed, start, part)`` -> that modality's Dataset of
+    batches; ``start`` is the number of batches already used (training: the start step;
+    validation: ``validation_start``), ``part`` "training" or "validation". Modality i gets
+    seed SEED + i (validation: + 100), so the streams are independent (the data are
+    unpaired). val is None unless every modality has a validation list.
     """
-    seed = config.get("SEED") or 0
-    rule = config.get("OUT_OF_RANGE_LABELS", "error")
+    seed = config["SEED"] or 0
 
-    def build(lists, offset, start, aug, part):
-        streams = {}
-        for i, (m, list_path) in enumerate(lists.items()):
-            files = check_list_files(list_path)
-            if config.get("CHECK_DATA", True):
-                labels = LabelCount(config["N_CLASS"])
-                validate_tfrecords(files, list_path, labels)
-                labels.apply(rule, f"{m} {part} slices")
-            elif rule == "ignore":
-                _log(f"{m} {part} slices: labels outside 0..{config['N_CLASS'] - 1} not "
-                     f"counted (CHECK_DATA=False); OUT_OF_RANGE_LABELS=ignore: no class")
-            streams[m] = slice_dataset(files, config["IMAGE_SIZE"], config["BATCH_SIZE"],
-                                       seed=seed + i + offset, start_step=start, augment=aug,
-                                       n_class=config["N_CLASS"], out_of_range=rule)
-        return zip_modalities(streams)
+    def build(lists, offset, start, part):
+        return zip_modalities({m: stream(m, path, seed + i + offset, start, part)
+                               for i, (m, path) in enumerate(lists.items())})
 
-    train = build(train_lists, 0, start_step, augment, "training")
-    val = (build(val_lists, 100, validation_start(config, start_step), None, "validation")
+    train = build(train_lists, 0, start_step, "training")
+    val = (build(val_lists, 100, validation_start(config, start_step), "validation")
            if val_lists and len(val_lists) == len(train_lists) else None)
     return train, val
+
+
+def slice_training_data(config: dict, train_lists: dict, val_lists: dict, augment=None,
+                        start_step: int = 0):
+    """2D training and validation batches for every modality from their TFRecord lists
+    (modality_streams). With CHECK_DATA every record of every file is read once first
+    (fail fast), and labels outside the classes are reported (or refused) before
+    training, per OUT_OF_RANGE_LABELS. ``augment`` applies to the training batches only.
+    """
+    rule, n_class = config["OUT_OF_RANGE_LABELS"], config["N_CLASS"]
+
+    def stream(m, list_path, seed, start, part):
+        files = check_list_files(list_path)
+        if config["CHECK_DATA"]:
+            labels = LabelCount(n_class)
+            validate_tfrecords(files, list_path, labels)
+            labels.apply(rule, f"{m} {part} slices")
+        elif rule == "ignore":
+            _log(f"{m} {part} slices: labels outside 0..{n_class - 1} not counted "
+                 f"(CHECK_DATA=False); OUT_OF_RANGE_LABELS=ignore: no class")
+        return slice_dataset(files, config["IMAGE_SIZE"], config["BATCH_SIZE"], seed=seed,
+                             start_step=start, augment=augment if part == "training" else None,
+                             n_class=n_class, out_of_range=rule)
+
+    return modality_streams(config, train_lists, val_lists, start_step, stream)
 
 
 # ----------------------------------------------------------------------------- 3D slabs
@@ -760,24 +774,14 @@ def check_volume(volume: Volume, path: str) -> None:
 
 def volume_training_data(config: dict, train_lists: dict, val_lists: dict,
                          start_step: int = 0):
-    """3D training and validation slab batches for every modality from their volume lists.
-
-    Each modality gets its own seed (SEED + its index; validation + 100), as in 2D.
-    """
-    seed = config.get("SEED") or 0
+    """3D training and validation slab batches for every modality from their volume lists
+    (modality_streams), labels outside the classes per OUT_OF_RANGE_LABELS."""
     patch = [int(p) for p in config["PATCH_SIZE"]]
 
-    def build(lists, offset, start, part):
-        out = {}
-        for i, (m, list_path) in enumerate(lists.items()):
-            volumes = load_training_volumes(list_path, config["N_CLASS"],
-                                            config.get("OUT_OF_RANGE_LABELS", "error"),
-                                            f"{m} {part} volumes")
-            bank = volume_bank(volumes, patch, config["N_CLASS"])
-            out[m] = slab_dataset(bank, patch, config["BATCH_SIZE"], seed + i + offset, start)
-        return zip_modalities(out)
+    def stream(m, list_path, seed, start, part):
+        volumes = load_training_volumes(list_path, config["N_CLASS"],
+                                        config["OUT_OF_RANGE_LABELS"], f"{m} {part} volumes")
+        return slab_dataset(volume_bank(volumes, patch, config["N_CLASS"]), patch,
+                            config["BATCH_SIZE"], seed, start)
 
-    train = build(train_lists, 0, start_step, "training")
-    val = (build(val_lists, 100, validation_start(config, start_step), "validation")
-           if val_lists and len(val_lists) == len(train_lists) else None)
-    return train, val
+    return modality_streams(config, train_lists, val_lists, start_step, stream)

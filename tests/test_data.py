@@ -269,7 +269,7 @@ def test_resumed_validation_stream_continues_where_it_stopped(tiny_data):
     """Training validates one batch every DISPLAY_STEP steps: resumed at step 10 with
     DISPLAY_STEP 5, the validation stream starts at its third batch (2 used before)."""
     config = dict(SEED=0, IMAGE_SIZE=16, BATCH_SIZE=2, N_CLASS=3, CHECK_DATA=False,
-                  DISPLAY_STEP=5)
+                  DISPLAY_STEP=5, OUT_OF_RANGE_LABELS="error")
     assert [data.validation_start(config, s) for s in (0, 4, 5, 10, 14)] == [0, 0, 1, 2, 2]
     train = {m: tiny_data[m]["train"] for m in ("mr", "ct")}
     val = {m: tiny_data[m]["val"] for m in ("mr", "ct")}
