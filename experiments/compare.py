@@ -102,7 +102,7 @@ def run_dir(out: str, scheme: str, seed: int) -> str:
 
 
 def _saved_config(config: dict) -> dict | None:
-    from lib.train import CONFIG_FILE
+    from lib.run_dir import CONFIG_FILE
 
     path = os.path.join(config["OUTPUT_PATH"], CONFIG_FILE)
     return load_config(path) if os.path.isfile(path) else None
@@ -110,7 +110,7 @@ def _saved_config(config: dict) -> dict | None:
 
 def is_done(config: dict) -> tuple[bool, str]:
     """Whether the run of ``config`` already has results made with the same settings."""
-    from lib.train import BOOKKEEPING_KEYS, config_differences
+    from lib.run_dir import BOOKKEEPING_KEYS, config_differences
 
     if not os.path.isfile(os.path.join(config["OUTPUT_PATH"], "results", "metrics.json")):
         return False, "no results yet"
@@ -132,7 +132,7 @@ def trained_otherwise(config: dict) -> str | None:
     this comparison: it is moved aside (START_OVER, never deleted) and trained again. Runs
     that differ only in test-time settings are tested again without retraining.
     """
-    from lib.train import config_differences
+    from lib.run_dir import config_differences
 
     beyond = trained_beyond(config)
     if beyond is not None:
@@ -150,7 +150,7 @@ def trained_beyond(config: dict) -> int | None:
     """
     if not os.path.isdir(os.path.join(config["OUTPUT_PATH"], "checkpoints")):
         return None
-    from lib.train import latest_step
+    from lib.run_dir import latest_step
 
     step = latest_step(config["OUTPUT_PATH"])
     return step if step > config["NUM_STEPS"] else None

@@ -23,9 +23,9 @@ from lib.distribute import distribute_dataset, is_chief, make_strategy
 from lib.fast_ops import active_plan
 from lib.losses import check_kd_classes
 from lib.runtime import get_logger, setup_runtime
-from lib.train import (CONFIG_FILE, LOG_FILE, Trainer, TrainingError, check_output,
-                       first_batch, kd_weight, latest_step, model_variables,
-                       network_differences, start_output)
+from lib.run_dir import (CONFIG_FILE, LOG_FILE, check_output, latest_step,
+                         network_differences, start_output)
+from lib.train import Trainer, TrainingError, first_batch, kd_weight, model_variables
 
 MODALITY_LISTS = {"mr": ("SOURCE_TRAIN_LIST", "SOURCE_VAL_LIST", "SOURCE_TEST_LIST"),
                   "ct": ("TARGET_TRAIN_LIST", "TARGET_VAL_LIST", "TARGET_TEST_LIST")}

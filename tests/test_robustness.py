@@ -15,7 +15,7 @@ import main_combine
 from conftest import ROOT, tiny_overrides, write_tiny_dataset
 from lib.data import encode_slice, read_list, write_slices
 from lib.cli import main
-from lib.train import trim_log
+from lib.run_dir import trim_log
 
 
 def run(args):
