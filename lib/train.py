@@ -204,81 +204,31 @@ class Trainer:
         """Train until NUM_STEPS; ``train_data``/``val_data`` yield ({m: x}, {m: y}) pairs.
 
         ``first_batch``: a batch already taken from ``train_data`` (to check the data before
-        anything is written); it is used for the first step.
+        anything is written); it is used for the first step. Returns the last checkpoint.
         """
-        cfg = self.config
-        num_steps = cfg["NUM_STEPS"] if num_steps is None else num_steps
-        display, summary_every = cfg["DISPLAY_STEP"], cfg.get("SUMMARY_STEP", 10)
-        ckpt_every = cfg["CHECKPOINT_SPACE"]
-        if self.chief:
-            writers = {k: tf.summary.create_file_writer(
-                os.path.join(self.output_path, "logs", k)) for k in ("train", "val")}
-        else:
-            writers = {k: tf.summary.create_noop_writer() for k in ("train", "val")}
-        tb = None
-        if cfg.get("TENSORBOARD_PORT") and self.chief:
-            tb = launch_tensorboard(os.path.join(self.output_path, "logs"),
-                                    cfg["TENSORBOARD_PORT"], self.logger)
-        train_iter = iter(train_data)
-        val_iter = iter(val_data) if val_data is not None else None
+        num_steps = self.config["NUM_STEPS"] if num_steps is None else num_steps
         start = self.step
         if start >= num_steps:
             self.logger.info(f"already trained to step {start} (NUM_STEPS={num_steps})")
             return self.manager.latest_checkpoint
         self.logger.info(f"training steps {start}..{num_steps} of {type(self.model).__name__}")
-        bar = _progress(start, num_steps, cfg.get("PROGRESS", True) and self.chief)
-        log_path = os.path.join(self.output_path, LOG_FILE)
-        if self.chief and start > 0:
-            dropped = trim_log(log_path, start)
-            if dropped:
-                self.logger.info(f"{LOG_FILE}: dropped {dropped} line(s) of steps after the "
-                                 f"restored step {start}; they are trained again")
-        t0, last, last_step = time.time(), None, start
+        train_iter = iter(train_data)
+        val_iter = iter(val_data) if val_data is not None else None
+        writers, tb = self._open_writers()
+        bar = _progress(start, num_steps, self.config["PROGRESS"] and self.chief)
+        t0, last = time.time(), None
         try:
-            with (open(log_path, "a", encoding="utf-8") if self.chief
-                  else contextlib.nullcontext(_NoLog())) as log_file, interrupt.deferred():
+            with self._open_log(start) as log_file, interrupt.deferred():
                 while self.step < num_steps:
-                    try:
-                        if first_batch is not None:
-                            (images, labels), first_batch = first_batch, None
-                        else:
-                            images, labels = next(train_iter)
-                    except tf.errors.OpError as err:
-                        raise TrainingError(_data_error(err, self.step)) from None
-                    terms = self.train_step(images, labels)
-                    step = self.step
-                    total = float(terms["total"])
-                    if not math.isfinite(total):
-                        raise TrainingError(
-                            f"step {step}: the loss is {total}; stopped. Checkpoints written "
-                            f"before this step are intact in {self.manager.directory}")
-                    if step == last_step:
-                        # fp16: the loss scaler met non-finite gradients and skipped the
-                        # update (lowering its scale); the step is taken again, not logged
+                    images, labels = self.next_batch(train_iter, first_batch)
+                    first_batch = None
+                    step, total, terms = self.take_step(images, labels)
+                    if step is None:  # fp16 skipped the update: the step is taken again
                         interrupt.check()
                         continue
-                    last_step = step
-                    record = None
-                    if step % summary_every == 0 or step == num_steps:
-                        record = self._summaries(writers["train"], step, terms, "train")
-                    if val_iter is not None and (step % display == 0 or step == num_steps):
-                        v_images, v_labels = next(val_iter)
-                        v_terms, v_preds = self.eval_step(v_images, v_labels)
-                        v_record = self._summaries(writers["val"], step, v_terms, "val")
-                        if self.chief:
-                            self._image_summaries(writers["train"], step, images, labels,
-                                                  self.eval_step(images, labels)[1], "train")
-                        else:  # the same collective ops as the chief, nothing written
-                            self.eval_step(images, labels)
-                        self._image_summaries(writers["val"], step, v_images, v_labels,
-                                              v_preds, "val")
-                        record = {**(record or {"step": step}), **v_record}
-                        if self.chief:
-                            self.logger.info(_format_record(record))
-                    if record is not None:
-                        log_file.write(json.dumps(record) + "\n")
-                        log_file.flush()
-                    if step % ckpt_every == 0 and step < num_steps:
+                    self.log_and_validate(step, num_steps, terms, images, labels, val_iter,
+                                          writers, log_file)
+                    if step % self.config["CHECKPOINT_SPACE"] == 0 and step < num_steps:
                         self.save()
                     bar.update(1)
                     bar.set_postfix(loss=f"{total:.3f}")
@@ -297,10 +247,87 @@ class Trainer:
             if tb is not None:
                 tb.terminate()
             self.close()
-        elapsed = time.time() - t0
-        self.logger.info(f"trained {num_steps - start} steps in {elapsed:.0f} s, last loss "
-                         f"{last:.4f}, traces of the step function: {self.traces}")
+        self.logger.info(f"trained {num_steps - start} steps in {time.time() - t0:.0f} s, "
+                         f"last loss {last:.4f}, traces of the step function: {self.traces}")
         return path
+
+    # ------------------------------------------------------------------ fit's steps
+    def _open_writers(self):
+        """({"train", "val"}: summary writers; no-op writers off the chief), TensorBoard
+        process or None (TENSORBOARD_PORT)."""
+        if not self.chief:
+            return {k: tf.summary.create_noop_writer() for k in ("train", "val")}, None
+        logs = os.path.join(self.output_path, "logs")
+        writers = {k: tf.summary.create_file_writer(os.path.join(logs, k))
+                   for k in ("train", "val")}
+        port = self.config["TENSORBOARD_PORT"]
+        return writers, (launch_tensorboard(logs, port, self.logger) if port else None)
+
+    def _open_log(self, start: int):
+        """The JSON-lines log opened for appending (the chief's; others write nothing),
+        after dropping the lines of steps after the restored ``start``."""
+        if not self.chief:
+            return contextlib.nullcontext(_NoLog())
+        log_path = os.path.join(self.output_path, LOG_FILE)
+        if start > 0:
+            dropped = trim_log(log_path, start)
+            if dropped:
+                self.logger.info(f"{LOG_FILE}: dropped {dropped} line(s) of steps after the "
+                                 f"restored step {start}; they are trained again")
+        return open(log_path, "a", encoding="utf-8")
+
+    def next_batch(self, train_iter, first_batch=None):
+        """``first_batch`` if given, else the next training batch; a data error met in the
+        input pipeline becomes a TrainingError naming the file."""
+        if first_batch is not None:
+            return first_batch
+        try:
+            return next(train_iter)
+        except tf.errors.OpError as err:
+            raise TrainingError(_data_error(err, self.step)) from None
+
+    def take_step(self, images: dict, labels: dict):
+        """One training step: (step, total loss, terms), or (None, total, terms) when the
+        fp16 loss scaler met non-finite gradients and skipped the update (it lowers its
+        scale; the step is taken again and not logged). A non-finite loss stops training
+        with a TrainingError; the checkpoints written before stay intact.
+
+        The loss is read to the host once per step, to catch divergence at the step it
+        happens."""
+        before = self.step
+        terms = self.train_step(images, labels)
+        step, total = self.step, float(terms["total"])
+        if not math.isfinite(total):
+            raise TrainingError(f"step {step}: the loss is {total}; stopped. Checkpoints "
+                                f"written before this step are intact in "
+                                f"{self.manager.directory}")
+        return (None if step == before else step), total, terms
+
+    def log_and_validate(self, step: int, num_steps: int, terms: dict, images, labels,
+                         val_iter, writers: dict, log_file) -> None:
+        """Scalar summaries every SUMMARY_STEP steps; a validation batch and image
+        summaries every DISPLAY_STEP steps; both at the last step; one JSON line for each
+        step that logged anything."""
+        last = step == num_steps
+        record = None
+        if step % self.config["SUMMARY_STEP"] == 0 or last:
+            record = self._summaries(writers["train"], step, terms, "train")
+        if val_iter is not None and (step % self.config["DISPLAY_STEP"] == 0 or last):
+            v_images, v_labels = next(val_iter)
+            v_terms, v_preds = self.eval_step(v_images, v_labels)
+            v_record = self._summaries(writers["val"], step, v_terms, "val")
+            if self.chief:
+                self._image_summaries(writers["train"], step, images, labels,
+                                      self.eval_step(images, labels)[1], "train")
+            else:  # the same collective ops as the chief, nothing written
+                self.eval_step(images, labels)
+            self._image_summaries(writers["val"], step, v_images, v_labels, v_preds, "val")
+            record = {**(record or {"step": step}), **v_record}
+            if self.chief:
+                self.logger.info(_format_record(record))
+        if record is not None:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
 
     def _summaries(self, writer, step: int, terms: dict, split: str) -> dict:
         record = {"step": step}
