@@ -2,7 +2,7 @@
 
 TensorFlow enables its oneDNN CPU kernels by default only on x86-64 CPUs with AVX-512 or
 AMX-class features. On the others (AVX2-only x86-64), float32 training ran faster with
-oneDNN than with TensorFlow's own kernels (README, Performance), so the first import of
+oneDNN than with TensorFlow's own kernels (docs/performance.md), so the first import of
 ``lib`` sets TF_ENABLE_ONEDNN_OPTS=1 there: only on x86-64, only while TensorFlow is not
 yet imported (it reads the variable once), and never over a value the user set
 (TF_ENABLE_ONEDNN_OPTS=0 keeps TensorFlow's own kernels). lib.fast_ops then picks the

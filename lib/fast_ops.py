@@ -91,7 +91,7 @@ class OpPlan:
 
 
 # The plan of each kind of device. A fast path is listed only where it was measured faster
-# on that kind of device (README, Performance).
+# on that kind of device (docs/performance.md).
 PLANS = {
     "gpu": OpPlan("gpu", dilated_conv="direct"),
     "cpu_onednn": OpPlan("cpu_onednn", dilated_conv="direct", wide_kernel_grad="matmul",
