@@ -12,8 +12,7 @@ import sys
 from typing import Callable
 
 from lib import interrupt
-from lib.config import ConfigError, resolve
-from lib.distribute import check_settings
+from lib.config import ConfigError, resolve, validate
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"2d": os.path.join(_ROOT, "main_combine.py"),
@@ -44,7 +43,7 @@ def main(namespace: dict, network_factory: Callable, argv=None, presets=None, ty
         interrupt.install()  # before TensorFlow starts its threads
     try:
         config = resolve(namespace, argv, presets, types)
-        check_settings(config)
+        validate(config)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -118,6 +118,60 @@ def resolve(namespace: dict, argv=None, presets: dict | None = None,
     return config
 
 
+# The allowed values of every setting that takes one of a few; the modules that act on
+# them import these tuples, so each list is written once.
+CHOICES = {
+    "PHASE": ("train", "test", "train_test"),
+    "PRECISION": ("auto", "fp32", "bf16", "fp16"),
+    "KD_CLASSES": ("all", "present"),
+    "OUT_OF_RANGE_LABELS": ("error", "ignore"),
+    "TEST_FLIP": ("npz", "released", "none"),
+    "DISTRIBUTE": (None, "mirrored", "multi_worker"),
+}
+# Settings that count steps or examples: at least 1 (0 would divide by zero mid-training).
+POSITIVE_KEYS = ("BATCH_SIZE", "CHECKPOINT_SPACE", "DISPLAY_STEP", "SUMMARY_STEP",
+                 "LR_DECAY_STEPS", "KEEP_CHECKPOINTS", "TEST_BATCH")
+
+
+def validate(config: dict) -> None:
+    """Every check of a resolved configuration that needs no TensorFlow: a value that
+    parses but cannot work raises one ConfigError naming the setting. Called before
+    TensorFlow is imported (lib/cli.py) and again by lib.pipeline.train_and_evaluate."""
+    from lib.distribute import tf_config
+    from lib.schemes import SCHEMES
+
+    def bad(key, wanted):
+        raise ConfigError(f"{key}: expected {wanted}, got {config[key]!r}")
+
+    for key, allowed in CHOICES.items():
+        if key in config and config[key] not in allowed:
+            shown = ["none" if a is None else a for a in allowed]
+            bad(key, f"{', '.join(shown[:-1])} or {shown[-1]}" if key in ("PHASE", "DISTRIBUTE")
+                else f"one of {', '.join(shown)}")
+    if "SCHEME" in config and config["SCHEME"] not in SCHEMES:
+        raise ConfigError(f"SCHEME: unknown scheme {config['SCHEME']!r}; expected one of "
+                          f"{', '.join(SCHEMES)}")
+    for key in POSITIVE_KEYS:
+        if config.get(key) is not None and config[key] < 1:
+            bad(key, "an integer >= 1")
+    if config.get("NUM_STEPS", 0) < 0:
+        bad("NUM_STEPS", "an integer >= 0")
+    if "LEARNING_RATE" in config and not config["LEARNING_RATE"] > 0:
+        bad("LEARNING_RATE", "a number > 0")
+    if "N_CLASS" in config and len(config["CLASS_NAMES"]) != config["N_CLASS"] - 1:
+        raise ConfigError(f"CLASS_NAMES: {len(config['CLASS_NAMES'])} names for N_CLASS="
+                          f"{config['N_CLASS']} (expected N_CLASS - 1 names, background "
+                          f"excluded)")
+    devices = config.get("CPU_DEVICES", 0)
+    if not isinstance(devices, int) or devices < 0:
+        raise ConfigError(f"CPU_DEVICES: expected an integer >= 0, got {devices!r}")
+    if config.get("DISTRIBUTE") == "multi_worker":
+        tf_config(required=True)
+    if config.get("DISTRIBUTE") is not None and config.get("XLA"):
+        raise ConfigError("XLA: not supported together with DISTRIBUTE (compile one device "
+                          "only, or set --xla=false)")
+
+
 def help_text(config: dict) -> str:
     lines = ["Settings (override as --name=value):"]
     lines += [f"  --{k.lower()}={json.dumps(v)}" for k, v in config.items()]

@@ -37,9 +37,6 @@ class DataError(ValueError):
     """Bad input data: the message names the file and what is wrong."""
 
 
-LABEL_RULES = ("error", "ignore")  # OUT_OF_RANGE_LABELS
-
-
 @dataclass
 class LabelCount:
     """Labelled pixels read so far, and those outside 0..n_class-1: {value: pixels}, and

@@ -20,8 +20,9 @@ the replicas' gradients (Keras 3 all-reduces them with SUM under tf.distribute; 
 tests/test_distribute.py), the sum of the per-replica gradients of L(global sums) is the
 exact gradient of the single-device loss: dL/dtheta = sum_r dL/dS * ds_r/dtheta.
 
-TensorFlow is imported inside the functions: ``check_settings`` runs before TensorFlow is
-imported (lib/cli.py), so that a bad setting is reported at once.
+TensorFlow is imported inside the functions: ``tf_config`` serves lib.config.validate,
+which runs before TensorFlow is imported (lib/cli.py), so that a bad setting is reported
+at once.
 """
 from __future__ import annotations
 
@@ -30,25 +31,7 @@ import os
 
 from lib.config import ConfigError
 
-STRATEGIES = (None, "mirrored", "multi_worker")
-
-
 # ---------------------------------------------------------------------- settings
-def check_settings(config: dict) -> None:
-    """One-line ConfigError for a bad DISTRIBUTE, CPU_DEVICES or TF_CONFIG (no TensorFlow)."""
-    kind = config.get("DISTRIBUTE")
-    if kind not in STRATEGIES:
-        raise ConfigError(f"DISTRIBUTE: expected none, mirrored or multi_worker, got {kind!r}")
-    devices = config.get("CPU_DEVICES", 0)
-    if not isinstance(devices, int) or devices < 0:
-        raise ConfigError(f"CPU_DEVICES: expected an integer >= 0, got {devices!r}")
-    if kind == "multi_worker":
-        tf_config(required=True)
-    if kind is not None and config.get("XLA"):
-        raise ConfigError("XLA: not supported together with DISTRIBUTE (compile one device "
-                          "only, or set --xla=false)")
-
-
 def tf_config(required: bool = False) -> dict | None:
     """The parsed TF_CONFIG environment variable (cluster and task), checked for shape."""
     text = os.environ.get("TF_CONFIG", "")
@@ -79,14 +62,13 @@ def make_strategy(config: dict):
     """
     import tensorflow as tf
 
-    check_settings(config)
-    kind = config.get("DISTRIBUTE")
+    kind = config["DISTRIBUTE"]
     if kind is None:
         strategy = tf.distribute.get_strategy()
     elif kind == "mirrored":
         devices, reduce = None, None  # all GPUs, NCCL all-reduce
         if not tf.config.list_physical_devices("GPU"):
-            devices = [d.name for d in cpu_devices(config.get("CPU_DEVICES", 0))]
+            devices = [d.name for d in cpu_devices(config["CPU_DEVICES"])]
             # Logical CPU devices share memory: reducing on one of them is a few adds. The
             # default for CPUs (collective ops) gave the two replicas' collectives of the
             # 3D network's synchronised BN different instance keys (shape mismatch).

@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from lib import figures, metrics
+from lib.config import CHOICES
 from lib.files import atomic_path, write_json
 from lib.data import LabelCount, Volume, case_name, load_volume, read_list
 
@@ -129,7 +130,7 @@ def predict_volume_3d(predict_fn, modality: str, image_hwd: np.ndarray, patch, n
 
 
 # ---------------------------------------------------------------------- evaluation
-TEST_FLIPS = ("npz", "released", "none")  # TEST_FLIP
+TEST_FLIPS = CHOICES["TEST_FLIP"]
 
 
 def flips(entry: str, prepared: bool, rule: str) -> bool:

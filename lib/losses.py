@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from lib.config import ConfigError
+from lib.config import CHOICES, ConfigError
 from lib.distribute import global_sum, replicated
 
 DICE_EPS = 1e-7
 CE_CLIP = 0.005
 KD_COUNT_EPS = 1e-6
-KD_CLASSES = ("all", "present")  # which classes the KD term averages over (kd_loss)
+KD_CLASSES = CHOICES["KD_CLASSES"]  # which classes the KD term averages over (kd_loss)
 
 
 def _spatial_axes(x):

@@ -18,10 +18,9 @@ from typing import Callable
 
 import tensorflow as tf
 
-from lib.config import ConfigError, load_config
+from lib.config import ConfigError, load_config, validate
 from lib.distribute import distribute_dataset, is_chief, make_strategy
 from lib.fast_ops import active_plan
-from lib.losses import check_kd_classes
 from lib.runtime import get_logger, setup_runtime
 from lib.run_dir import (CONFIG_FILE, LOG_FILE, check_output, latest_step,
                          network_differences, start_output)
@@ -80,48 +79,10 @@ def _restore_for_test(model, config: dict, prefix: str | None, output_path: str,
     return prefix
 
 
-# Settings that count steps or examples: at least 1 (0 would divide by zero mid-training).
-POSITIVE_KEYS = ("BATCH_SIZE", "CHECKPOINT_SPACE", "DISPLAY_STEP", "SUMMARY_STEP",
-                 "LR_DECAY_STEPS", "KEEP_CHECKPOINTS", "TEST_BATCH")
-
-
-def check_settings(config: dict) -> None:
-    """Values that parse but cannot work: one ConfigError, before anything is written."""
-    from lib.runtime import resolve_precision
-    from lib.schemes import get_scheme
-
-    try:  # their own checks, as one-line errors
-        resolve_precision(config.get("PRECISION", "fp32"))
-        get_scheme(config["SCHEME"])
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    for key in POSITIVE_KEYS:
-        if key in config and config[key] is not None and config[key] < 1:
-            raise ConfigError(f"{key}: expected an integer >= 1, got {config[key]!r}")
-    if config.get("NUM_STEPS", 0) < 0:
-        raise ConfigError(f"NUM_STEPS: expected an integer >= 0, got {config['NUM_STEPS']!r}")
-    if not config.get("LEARNING_RATE", 1.0) > 0:
-        raise ConfigError(f"LEARNING_RATE: expected a number > 0, got "
-                          f"{config['LEARNING_RATE']!r}")
-    check_kd_classes(config.get("KD_CLASSES", "all"))
-    from lib.data import LABEL_RULES
-    from lib.evaluate import TEST_FLIPS
-    for key, allowed in (("OUT_OF_RANGE_LABELS", LABEL_RULES), ("TEST_FLIP", TEST_FLIPS)):
-        if config[key] not in allowed:
-            raise ConfigError(f"{key}: expected one of {', '.join(allowed)}, got "
-                              f"{config[key]!r}")
-
-
 def train_and_evaluate(config: dict, network: Network) -> dict | None:
     """Train and/or test as PHASE says; returns the metrics.json content of a test phase."""
-    phase = config["PHASE"]
-    if phase not in ("train", "test", "train_test"):
-        raise ConfigError(f"PHASE: expected train, test or train_test, got {phase!r}")
-    output_path = config["OUTPUT_PATH"]
-    if len(config["CLASS_NAMES"]) != config["N_CLASS"] - 1:
-        raise ConfigError(f"CLASS_NAMES: {len(config['CLASS_NAMES'])} names for N_CLASS="
-                          f"{config['N_CLASS']} (expected N_CLASS - 1 names, background excluded)")
-    check_settings(config)  # before anything is written
+    validate(config)  # before anything is written (lib/cli.py checked already)
+    phase, output_path = config["PHASE"], config["OUTPUT_PATH"]
     strategy = make_strategy(config)  # first: it may configure the devices
     chief = is_chief(strategy)
     precision = setup_runtime(config)
