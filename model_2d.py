@@ -171,7 +171,7 @@ class DilatedResNet2D(keras.Model):
 def build_model(config: dict) -> DilatedResNet2D:
     """The 2D network for a resolved configuration (keys N_CLASS, FEATURE_BASE, SCHEME...)."""
     model = DilatedResNet2D(n_class=config["N_CLASS"], feature_base=config["FEATURE_BASE"],
-                            scheme=config["SCHEME"], dropout=config.get("DROPOUT", 0.25),
-                            seed=config.get("SEED"), sync_bn=config.get("SYNC_BN", False),
+                            scheme=config["SCHEME"], dropout=config["DROPOUT"],
+                            seed=config["SEED"], sync_bn=config["SYNC_BN"],
                             name="ummkd_2d")
     return model.build_for(DOWNSAMPLING * 2)

@@ -101,6 +101,6 @@ class UNet3D(keras.Model):
 
 def build_model(config: dict) -> UNet3D:
     model = UNet3D(n_class=config["N_CLASS"], feature_base=config["FEATURE_BASE"],
-                   scheme=config["SCHEME"], seed=config.get("SEED"),
-                   sync_bn=config.get("SYNC_BN", False), name="ummkd_3d")
+                   scheme=config["SCHEME"], seed=config["SEED"],
+                   sync_bn=config["SYNC_BN"], name="ummkd_3d")
     return model.build_for((DOWNSAMPLING, DOWNSAMPLING, DOWNSAMPLING))

@@ -131,11 +131,15 @@ def build(args, config):
 
 
 def run(args) -> dict:
-    config = dict(N_CLASS=args.n_class, FEATURE_BASE=args.feature_base, SCHEME=args.scheme,
-                  SEED=0, PRECISION=args.precision, LEARNING_RATE=1e-3, ADAM_EPSILON=1e-7,
-                  MIU_SEG_DICE=1.0, MIU_SEG_CE=1.0, MIU_KD=0.5, MIU_SEG_L2_NORM=1e-4, KD_TEMPERATURE=2.0,
-                  CHECKPOINT_SPACE=10 ** 9, DISPLAY_STEP=10 ** 9, NUM_STEPS=10 ** 9,
-                  XLA=args.xla)
+    from lib.cli import entry_module
+    from lib.config import constants
+
+    # the entry script's settings as written (custom preset), with this benchmark's changes
+    config = dict(constants(vars(entry_module(args.model))), N_CLASS=args.n_class,
+                  CLASS_NAMES=[f"class{c}" for c in range(1, args.n_class)],
+                  FEATURE_BASE=args.feature_base, SCHEME=args.scheme, SEED=0,
+                  PRECISION=args.precision, LEARNING_RATE=1e-3, CHECKPOINT_SPACE=10 ** 9,
+                  DISPLAY_STEP=10 ** 9, NUM_STEPS=10 ** 9, XLA=args.xla)
     precision = setup_runtime(config)
     plan = fast_ops.active_plan()
     if args.plan:  # --plan=field=value,...: measure another path on this device

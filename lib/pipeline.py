@@ -102,20 +102,20 @@ def train_and_evaluate(config: dict, network: Network) -> dict | None:
     # Everything that can be wrong is checked before the first write to OUTPUT_PATH.
     action = check_output(config, output_path) if training else None
     logger = get_logger(None)
-    logger.info(f"{network.name}: preset {config.get('PRESET')}, scheme {config['SCHEME']}, "
+    logger.info(f"{network.name}: preset {config['PRESET']}, scheme {config['SCHEME']}, "
                 f"precision {precision}, output {output_path}")
     logger.info(f"device {active_plan().describe()}")
-    if config.get("DISTRIBUTE"):
+    if config["DISTRIBUTE"]:
         logger.info(f"DISTRIBUTE={config['DISTRIBUTE']}: {strategy.num_replicas_in_sync} "
                     f"replicas, {config['BATCH_SIZE'] // strategy.num_replicas_in_sync} "
-                    f"examples per modality each, synchronised BN {bool(config.get('SYNC_BN'))}"
+                    f"examples per modality each, synchronised BN {bool(config['SYNC_BN'])}"
                     + ("" if chief else "; this worker writes nothing to OUTPUT_PATH"))
     with strategy.scope():  # variables mirrored on every replica
         model = network.build_model(config)
     n_params = sum(int(v.shape.num_elements()) for v in model.trainable_variables)
     logger.info(f"scheme {config['SCHEME']}: {n_params:,} trainable parameters, "
                 f"KD weight {kd_weight(config):g}")
-    checkpoint = config.get("TEST_MODEL") or None
+    checkpoint = config["TEST_MODEL"] or None
     if training:
         start = latest_step(output_path) if action == "resume" else 0
         train, val = network.train_datasets(

@@ -62,15 +62,15 @@ def check_output(config: dict, output_path: str) -> str:
     """
     path = os.path.join(output_path, CONFIG_FILE)
     if not os.path.exists(path):
-        if os.path.isdir(os.path.join(output_path, "checkpoints")) and not config.get("START_OVER"):
+        if os.path.isdir(os.path.join(output_path, "checkpoints")) and not config["START_OVER"]:
             raise ConfigError(f"{output_path}: holds checkpoints but no {CONFIG_FILE}; set "
                               "--start_over=true to move them aside and start again")
-        return "start_over" if os.path.isdir(output_path) and config.get("START_OVER") else "new"
+        return "start_over" if os.path.isdir(output_path) and config["START_OVER"] else "new"
     saved = load_config(path)
     diffs = config_differences(saved, config)
-    if config.get("START_OVER"):
+    if config["START_OVER"]:
         return "start_over"
-    if diffs and not config.get("RESUME"):
+    if diffs and not config["RESUME"]:
         raise ConfigError(f"{output_path}: holds a run of a different configuration ("
                           + "; ".join(diffs) + "); set --resume=true to continue it or "
                           "--start_over=true to move it aside and start again")

@@ -59,15 +59,15 @@ def resolve_precision(precision: str) -> str:
 def setup_runtime(config: dict) -> str:
     """Seeds, op determinism, the dtype policy and the device's op plan; returns the
     resolved precision."""
-    seed = config.get("SEED")
+    seed = config["SEED"]
     if seed is not None:
         random.seed(seed)
         np.random.seed(seed)
         tf.random.set_seed(seed)
         keras.utils.set_random_seed(seed)
-    if config.get("DETERMINISTIC"):
+    if config["DETERMINISTIC"]:
         tf.config.experimental.enable_op_determinism()
-    precision = resolve_precision(config.get("PRECISION", "fp32"))
+    precision = resolve_precision(config["PRECISION"])
     keras.mixed_precision.set_dtype_policy(_POLICIES[precision])
     fast_ops.decide()
     return precision

@@ -57,7 +57,7 @@ def kd_weight(config: dict) -> float:
     """
     if not config.get("USE_KD", True):
         return 0.0
-    return float(config["MIU_KD"]) if get_scheme(config.get("SCHEME", "ummkd")).kd else 0.0
+    return float(config["MIU_KD"]) if get_scheme(config["SCHEME"]).kd else 0.0
 
 
 class TrainingError(RuntimeError):
@@ -67,13 +67,12 @@ class TrainingError(RuntimeError):
 def learning_rate_schedule(config: dict):
     """LEARNING_RATE multiplied by LR_DECAY every LR_DECAY_STEPS steps (staircase)."""
     return keras.optimizers.schedules.ExponentialDecay(
-        config["LEARNING_RATE"], config.get("LR_DECAY_STEPS", 1000),
-        config.get("LR_DECAY", 0.95), staircase=True)
+        config["LEARNING_RATE"], config["LR_DECAY_STEPS"], config["LR_DECAY"], staircase=True)
 
 
 def make_optimizer(config: dict, model) -> keras.optimizers.Optimizer:
     optimizer = FusedAdam(learning_rate_schedule(config), epsilon=config["ADAM_EPSILON"])
-    if config.get("PRECISION") == "fp16":
+    if config["PRECISION"] == "fp16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     # Create the slot variables now so that a checkpoint restores them immediately.
     optimizer.build(model.trainable_variables)
@@ -96,8 +95,7 @@ class Trainer:
         self.logger = logger or get_logger(output_path if self.chief else None)
         self.n_class = config["N_CLASS"]
         self.modalities = MODALITIES
-        self.class_names = list(config.get("CLASS_NAMES") or
-                                [f"class{c}" for c in range(1, self.n_class)])
+        self.class_names = list(config["CLASS_NAMES"])
         with self.strategy.scope():  # slot variables mirrored like the model's
             self.optimizer = make_optimizer(config, model)
         self.kernels = conv_kernels(model)
@@ -111,15 +109,15 @@ class Trainer:
             self._scratch = save_dir = tempfile.mkdtemp(prefix=f"ummkd-{task_type}{task_id}-")
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, save_dir,
-            max_to_keep=config.get("KEEP_CHECKPOINTS", 5), checkpoint_name="model")
+            max_to_keep=config["KEEP_CHECKPOINTS"], checkpoint_name="model")
         self.loss_kwargs = dict(
             n_class=self.n_class, miu_dice=config["MIU_SEG_DICE"], miu_ce=config["MIU_SEG_CE"],
             miu_kd=kd_weight(config),
             miu_l2=config["MIU_SEG_L2_NORM"], temperature=config["KD_TEMPERATURE"],
-            kd_classes=config.get("KD_CLASSES", "all"))
+            kd_classes=config["KD_CLASSES"])
         self.traces = 0
         self.train_step = tf.function(self._train_step, reduce_retracing=True,
-                                      jit_compile=bool(config.get("XLA")) or None)
+                                      jit_compile=bool(config["XLA"]) or None)
         self.eval_step = tf.function(self._eval_step, reduce_retracing=True)
 
     @property

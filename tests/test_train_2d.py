@@ -104,11 +104,13 @@ def test_fp16_steps_skipped_by_the_loss_scaler_are_not_logged_or_saved(tmp_path)
     from lib.train import Trainer
     from model_2d import build_model
 
-    cfg = dict(N_CLASS=3, FEATURE_BASE=2, SCHEME="ummkd", DROPOUT=0.0, SEED=0,
-               PRECISION="fp16", MIU_SEG_DICE=1.0, MIU_SEG_CE=1.0, MIU_KD=0.5,
-               MIU_SEG_L2_NORM=1e-4, KD_TEMPERATURE=2.0, LEARNING_RATE=1e-3, ADAM_EPSILON=1e-7,
-               LR_DECAY_STEPS=100, LR_DECAY=0.95, NUM_STEPS=3, DISPLAY_STEP=100,
-               CHECKPOINT_SPACE=1, SUMMARY_STEP=1, PROGRESS=False, TENSORBOARD_PORT=None)
+    from lib import settings
+    from lib.config import constants
+
+    cfg = dict(constants(vars(settings)), N_CLASS=3, CLASS_NAMES=["a", "b"], FEATURE_BASE=2,
+               DROPOUT=0.0, PRECISION="fp16", LEARNING_RATE=1e-3, LR_DECAY_STEPS=100,
+               NUM_STEPS=3, DISPLAY_STEP=100, CHECKPOINT_SPACE=1, SUMMARY_STEP=1,
+               PROGRESS=False)
     rng = np.random.default_rng(0)
 
     def batches():
