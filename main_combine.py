@@ -99,7 +99,7 @@ def network():
                                                   config["TEST_BATCH"])
 
     def prepare_data(config):
-        if config.get("PRESET") == "demo":
+        if config["PRESET"] == "demo":
             from data.demo import ensure_demo_data
             ensure_demo_data(os.path.join(_ROOT, _DEMO), config["IMAGE_SIZE"], _DEMO_SEED)
 

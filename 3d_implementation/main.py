@@ -91,7 +91,7 @@ def network():
                                                   config["TEST_STRIDE"] or None)
 
     def prepare_data(config):
-        if config.get("PRESET") == "demo":
+        if config["PRESET"] == "demo":
             from data.demo import ensure_demo_data
             ensure_demo_data(os.path.join(_ROOT, _DEMO), _DEMO_IMAGE_SIZE, _DEMO_SEED)
 

@@ -154,7 +154,7 @@ def validate(config: dict) -> None:
     for key in POSITIVE_KEYS:
         if config.get(key) is not None and config[key] < 1:
             bad(key, "an integer >= 1")
-    if config.get("NUM_STEPS", 0) < 0:
+    if config["NUM_STEPS"] < 0:
         bad("NUM_STEPS", "an integer >= 0")
     if "LEARNING_RATE" in config and not config["LEARNING_RATE"] > 0:
         bad("LEARNING_RATE", "a number > 0")
@@ -162,12 +162,12 @@ def validate(config: dict) -> None:
         raise ConfigError(f"CLASS_NAMES: {len(config['CLASS_NAMES'])} names for N_CLASS="
                           f"{config['N_CLASS']} (expected N_CLASS - 1 names, background "
                           f"excluded)")
-    devices = config.get("CPU_DEVICES", 0)
+    devices = config["CPU_DEVICES"]
     if not isinstance(devices, int) or devices < 0:
         raise ConfigError(f"CPU_DEVICES: expected an integer >= 0, got {devices!r}")
-    if config.get("DISTRIBUTE") == "multi_worker":
+    if config["DISTRIBUTE"] == "multi_worker":
         tf_config(required=True)
-    if config.get("DISTRIBUTE") is not None and config.get("XLA"):
+    if config["DISTRIBUTE"] is not None and config["XLA"]:
         raise ConfigError("XLA: not supported together with DISTRIBUTE (compile one device "
                           "only, or set --xla=false)")
 
