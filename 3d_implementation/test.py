@@ -10,8 +10,7 @@ Results go to OUTPUT_PATH/results/ (metrics.json, metrics.csv, predictions, figu
 """
 import sys
 
-from main import *  # noqa: F401,F403  the settings, PRESETS, TYPES and network()
-from main import _ROOT
+import main as training  # main.py beside this file: the 3D settings, PRESETS and network()
 
 PHASE = "test"               # this script only tests
 TEST_MODEL = ""              # checkpoint prefix to test; empty = latest of OUTPUT_PATH
@@ -19,4 +18,6 @@ TEST_MODEL = ""              # checkpoint prefix to test; empty = latest of OUTP
 if __name__ == "__main__":
     from lib.cli import main
 
-    sys.exit(main(globals(), network, presets=PRESETS, types=TYPES, root=_ROOT))  # noqa: F405
+    settings = {**vars(training), "PHASE": PHASE, "TEST_MODEL": TEST_MODEL}
+    sys.exit(main(settings, training.network, presets=training.PRESETS, types=training.TYPES,
+                  root=training._ROOT))
