@@ -26,8 +26,8 @@ import tensorflow as tf
 
 from lib import figures, metrics
 from lib.config import CHOICES
-from lib.files import atomic_path, write_json
 from lib.data import LabelCount, Volume, case_name, load_volume, read_list
+from lib.files import atomic_path, write_json
 
 DATASET_JSON = "dataset.json"
 
@@ -184,10 +184,8 @@ def load_test_volumes(list_path: str, flip: str = "npz") -> list[tuple[Volume, d
 
 
 def count_test_labels(volumes, n_class: int) -> LabelCount:
-    """The labels of test volumes (Volume objects, or the entries of a test list file)
-    counted against 0..n_class-1, naming each volume by its label file."""
-    if isinstance(volumes, str):
-        volumes = [load_volume(entry, flip=False) for entry in read_list(volumes)]
+    """The labels of test volumes (Volume objects) counted against 0..n_class-1, naming
+    each volume by its label file."""
     labels = LabelCount(n_class)
     for volume in volumes:
         labels.add(volume.label, volume.meta.get("label_file", volume.name))

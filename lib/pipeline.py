@@ -92,12 +92,13 @@ def train_and_evaluate(config: dict, network: Network) -> dict | None:
              for m, keys in MODALITY_LISTS.items()}
     if phase in ("test", "train_test"):  # fail before training, not after it
         from lib.data import check_list_files
-        from lib.evaluate import count_test_labels
+        from lib.evaluate import count_test_labels, load_test_volumes
         for m in lists:
             check_list_files(lists[m]["test"])
             if phase == "train_test" and config["OUT_OF_RANGE_LABELS"] == "error":
-                count_test_labels(lists[m]["test"], config["N_CLASS"]).apply(
-                    "error", f"{m} test volumes")
+                volumes = [v for v, _ in load_test_volumes(lists[m]["test"])]
+                count_test_labels(volumes, config["N_CLASS"]).apply("error",
+                                                                    f"{m} test volumes")
     training = phase in ("train", "train_test")
     # Everything that can be wrong is checked before the first write to OUTPUT_PATH.
     action = check_output(config, output_path) if training else None

@@ -214,16 +214,17 @@ class Trainer:
         val_iter = iter(val_data) if val_data is not None else None
         writers, tb = self._open_writers()
         bar = _progress(start, num_steps, self.config["PROGRESS"] and self.chief)
-        t0, last = time.time(), None
+        t0, last, step = time.time(), None, start
         try:
             with self._open_log(start) as log_file, interrupt.deferred():
-                while self.step < num_steps:
+                while step < num_steps:
                     images, labels = self.next_batch(train_iter, first_batch)
                     first_batch = None
-                    step, total, terms = self.take_step(images, labels)
-                    if step is None:  # fp16 skipped the update: the step is taken again
+                    taken, total, terms = self.take_step(images, labels, step)
+                    if taken is None:  # fp16 skipped the update: the step is taken again
                         interrupt.check()
                         continue
+                    step = taken
                     self.log_and_validate(step, num_steps, terms, images, labels, val_iter,
                                           writers, log_file)
                     if step % self.config["CHECKPOINT_SPACE"] == 0 and step < num_steps:
@@ -284,15 +285,15 @@ class Trainer:
         except tf.errors.OpError as err:
             raise TrainingError(_data_error(err, self.step)) from None
 
-    def take_step(self, images: dict, labels: dict):
-        """One training step: (step, total loss, terms), or (None, total, terms) when the
-        fp16 loss scaler met non-finite gradients and skipped the update (it lowers its
-        scale; the step is taken again and not logged). A non-finite loss stops training
-        with a TrainingError; the checkpoints written before stay intact.
+    def take_step(self, images: dict, labels: dict, before: int):
+        """One training step after step ``before``: (step, total loss, terms), or (None,
+        total, terms) when the fp16 loss scaler met non-finite gradients and skipped the
+        update (it lowers its scale; the step is taken again and not logged). A non-finite
+        loss stops training with a TrainingError; the checkpoints written before stay
+        intact.
 
-        The loss is read to the host once per step, to catch divergence at the step it
-        happens."""
-        before = self.step
+        The loss and the step are read to the host once per step, to catch divergence at
+        the step it happens."""
         terms = self.train_step(images, labels)
         step, total = self.step, float(terms["total"])
         if not math.isfinite(total):
