@@ -16,7 +16,8 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep errors to one readable line
 
-from lib.settings import *  # noqa: E402,F401,F403  shared with 3D: run control, loss, bookkeeping
+# The settings shared with 3D (run control, task, loss weights, precision, devices, seed,
+# bookkeeping) are in lib/settings.py; write one here again to change it for 2D only.
 
 # --- what to run
 PRESET = "demo"              # "demo" | "paper" | "abdomen" | "custom" (values below as written)
@@ -112,4 +113,4 @@ def network():
 if __name__ == "__main__":
     from lib.cli import main
 
-    sys.exit(main(globals(), network, presets=PRESETS, types=TYPES, root=_ROOT))
+    sys.exit(main(globals(), network, presets=PRESETS, root=_ROOT))

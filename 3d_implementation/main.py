@@ -21,7 +21,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep errors to one readabl
 sys.path[:0] = [p for p in (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             os.path.dirname(os.path.abspath(__file__))) if p not in sys.path]
 
-from lib.settings import *  # noqa: E402,F401,F403  shared with 2D: run control, loss, bookkeeping
+# The settings shared with 2D (run control, task, loss weights, precision, devices, seed,
+# bookkeeping) are in lib/settings.py; write one here again to change it for 3D only.
 
 # --- what to run
 PRESET = "demo"              # "demo" | "paper" | "custom" (values below as written)
@@ -101,4 +102,4 @@ def network():
 if __name__ == "__main__":
     from lib.cli import main
 
-    sys.exit(main(globals(), network, presets=PRESETS, types=TYPES, root=_ROOT))
+    sys.exit(main(globals(), network, presets=PRESETS, root=_ROOT))

@@ -19,5 +19,4 @@ if __name__ == "__main__":
     from lib.cli import main
 
     settings = {**vars(training), "PHASE": PHASE, "TEST_MODEL": TEST_MODEL}
-    sys.exit(main(settings, training.network, presets=training.PRESETS, types=training.TYPES,
-                  root=training._ROOT))
+    sys.exit(main(settings, training.network, presets=training.PRESETS, root=training._ROOT))

@@ -26,7 +26,7 @@ import tensorflow as tf  # noqa: E402
 from benchmarks.train_step import conv_flops  # noqa: E402
 from lib import evaluate  # noqa: E402
 from lib.cli import entry_module  # noqa: E402
-from lib.config import constants  # noqa: E402
+from lib.config import defaults  # noqa: E402
 from lib.runtime import setup_runtime  # noqa: E402
 
 
@@ -41,7 +41,7 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=16, help="slices (2D) per forward pass")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="auto")
     args = p.parse_args(argv)
-    config = dict(constants(vars(entry_module(args.model))), N_CLASS=args.n_class,
+    config = dict(defaults(vars(entry_module(args.model))), N_CLASS=args.n_class,
                   FEATURE_BASE=args.feature_base, SCHEME="ummkd", SEED=0,
                   PRECISION=args.precision)
     precision = setup_runtime(config)

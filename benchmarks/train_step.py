@@ -132,10 +132,10 @@ def build(args, config):
 
 def run(args) -> dict:
     from lib.cli import entry_module
-    from lib.config import constants
+    from lib.config import defaults
 
     # the entry script's settings as written (custom preset), with this benchmark's changes
-    config = dict(constants(vars(entry_module(args.model))), N_CLASS=args.n_class,
+    config = dict(defaults(vars(entry_module(args.model))), N_CLASS=args.n_class,
                   CLASS_NAMES=[f"class{c}" for c in range(1, args.n_class)],
                   FEATURE_BASE=args.feature_base, SCHEME=args.scheme, SEED=0,
                   PRECISION=args.precision, LEARNING_RATE=1e-3, CHECKPOINT_SPACE=10 ** 9,

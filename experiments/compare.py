@@ -59,7 +59,7 @@ def run_config(network: str, preset: str, overrides=(), **settings) -> dict:
     module = entry_module(network)
     argv = [f"--preset={preset}", *overrides]
     argv += [f"--{k.lower()}={_text(v)}" for k, v in settings.items()]
-    config = resolve(vars(module), argv, module.PRESETS, module.TYPES)
+    config = resolve(vars(module), argv, module.PRESETS)
     return resolve_paths(config, ROOT)
 
 

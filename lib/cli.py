@@ -21,8 +21,8 @@ _MODULES: dict = {}
 
 
 def entry_module(network: str):
-    """The entry script of a network ("2d" or "3d") as a module: its settings, PRESETS,
-    TYPES and network(), for programs that run the networks without a command line
+    """The entry script of a network ("2d" or "3d") as a module: its settings, PRESETS and
+    network(), for programs that run the networks without a command line
     (experiments/, benchmarks/). Loaded once, by path (3d_implementation is no package)."""
     import importlib.util
 
@@ -37,12 +37,12 @@ def entry_module(network: str):
     return _MODULES[network]
 
 
-def main(namespace: dict, network_factory: Callable, argv=None, presets=None, types=None,
+def main(namespace: dict, network_factory: Callable, argv=None, presets=None,
          root: str | None = None) -> int:
     if argv is None:  # a real command line, not a call from another program
         interrupt.install()  # before TensorFlow starts its threads
     try:
-        config = resolve(namespace, argv, presets, types)
+        config = resolve(namespace, argv, presets)
         validate(config)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,8 +1,9 @@
 """Configuration: UPPER_CASE constants of an entry script, presets and ``--name=value``.
 
-An entry script keeps its settings as module-level constants (one comment each). Resolution:
-the constants as written, then the values of the chosen PRESET, then command-line overrides
-``--name=value`` (names case-insensitive). Each override is type-checked against the
+An entry script keeps its settings as module-level constants (one comment each); the settings
+it shares with the other network are lib/settings.py's, the schema. Resolution: the shared
+constants, then the entry script's (which win), then the values of the chosen PRESET, then
+command-line overrides ``--name=value`` (names case-insensitive). Each override is type-checked against the
 constant's type; an unknown name or a bad value raises ConfigError with a one-line message.
 The resolved configuration is saved as JSON beside the checkpoints (never pickled).
 """
@@ -12,6 +13,9 @@ import json
 import math
 import sys
 
+from lib import settings
+from lib.settings import CHOICES, POSITIVE_KEYS, TYPES
+
 
 class ConfigError(ValueError):
     """A bad setting: the message names the setting and what is wrong."""
@@ -20,8 +24,15 @@ class ConfigError(ValueError):
 def constants(namespace: dict) -> dict:
     """The UPPER_CASE settings of a module namespace (``globals()`` of an entry script)."""
     return {k: v for k, v in namespace.items()
-            if k.isupper() and not k.startswith("_") and k not in ("PRESETS", "TYPES")
+            if k.isupper() and not k.startswith("_")
+            and k not in ("PRESETS",) + settings.SCHEMA_TABLES
             and isinstance(v, (bool, int, float, str, list, tuple, type(None)))}
+
+
+def defaults(namespace: dict) -> dict:
+    """Every setting of an entry script as written: lib/settings.py's shared constants, then
+    the script's own (a shared one written again in the script wins). No PRESET applied."""
+    return {**constants(vars(settings)), **constants(namespace)}
 
 
 def _parse_bool(name, text):
@@ -78,16 +89,14 @@ def parse_value(name: str, text: str, default, kind=None):
     return text
 
 
-def resolve(namespace: dict, argv=None, presets: dict | None = None,
-            types: dict | None = None) -> dict:
-    """Resolved settings: constants, then PRESET's values, then ``--name=value`` overrides.
+def resolve(namespace: dict, argv=None, presets: dict | None = None) -> dict:
+    """Resolved settings: ``defaults(namespace)``, then PRESET's values, then ``--name=value``
+    overrides (typed by lib.settings.TYPES where a default is None).
 
-    ``types`` gives the type of settings whose constant is None (for example an optional
-    port number). Raises ConfigError for an unknown name, a malformed argument or a bad value.
+    Raises ConfigError for an unknown name, a malformed argument or a bad value.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    config = constants(namespace)
-    types = types or {}
+    config = defaults(namespace)
     overrides = {}
     for arg in argv:
         if arg in ("-h", "--help"):
@@ -100,7 +109,7 @@ def resolve(namespace: dict, argv=None, presets: dict | None = None,
             close = [k.lower() for k in config if k.startswith(key[:3])][:3]
             hint = f" (did you mean {', '.join('--' + c for c in close)}?)" if close else ""
             raise ConfigError(f"--{name}: unknown setting{hint}")
-        overrides[key] = parse_value(key, text, config[key], types.get(key))
+        overrides[key] = parse_value(key, text, config[key], TYPES.get(key))
     preset_name = overrides.get("PRESET", config.get("PRESET"))
     if presets is not None and preset_name is not None:
         if preset_name not in presets:
@@ -111,31 +120,16 @@ def resolve(namespace: dict, argv=None, presets: dict | None = None,
                 raise ConfigError(f"preset {preset_name}: sets unknown setting {key}")
             config[key] = value
     config.update(overrides)
-    for key, kind in types.items():
+    for key, kind in TYPES.items():
         value = config.get(key)
         if value is not None and not isinstance(value, kind):
             raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
     return config
 
 
-# The allowed values of every setting that takes one of a few; the modules that act on
-# them import these tuples, so each list is written once.
-CHOICES = {
-    "PHASE": ("train", "test", "train_test"),
-    "PRECISION": ("auto", "fp32", "bf16", "fp16"),
-    "KD_CLASSES": ("all", "present"),
-    "OUT_OF_RANGE_LABELS": ("error", "ignore"),
-    "TEST_FLIP": ("npz", "released", "none"),
-    "DISTRIBUTE": (None, "mirrored", "multi_worker"),
-}
-# Settings that count steps or examples: at least 1 (0 would divide by zero mid-training).
-POSITIVE_KEYS = ("BATCH_SIZE", "CHECKPOINT_SPACE", "DISPLAY_STEP", "SUMMARY_STEP",
-                 "LR_DECAY_STEPS", "KEEP_CHECKPOINTS", "TEST_BATCH")
-
-
 def validate(config: dict) -> None:
-    """Every check of a resolved configuration that needs no TensorFlow: a value that
-    parses but cannot work raises one ConfigError naming the setting. Called before
+    """Every check of a resolved configuration, against lib/settings.py's tables: a value
+    that parses but cannot work raises one ConfigError naming the setting. Needs no TensorFlow. Called before
     TensorFlow is imported (lib/cli.py) and again by lib.pipeline.train_and_evaluate."""
     from lib.distribute import tf_config
     from lib.schemes import SCHEMES
@@ -151,7 +145,7 @@ def validate(config: dict) -> None:
     if "SCHEME" in config and config["SCHEME"] not in SCHEMES:
         raise ConfigError(f"SCHEME: unknown scheme {config['SCHEME']!r}; expected one of "
                           f"{', '.join(SCHEMES)}")
-    for key in POSITIVE_KEYS:
+    for key in sorted(POSITIVE_KEYS):
         if config.get(key) is not None and config[key] < 1:
             bad(key, "an integer >= 1")
     if config["NUM_STEPS"] < 0:

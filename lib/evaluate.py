@@ -25,9 +25,9 @@ import numpy as np
 import tensorflow as tf
 
 from lib import figures, metrics
-from lib.config import CHOICES
 from lib.data import LabelCount, Volume, case_name, load_volume, read_list
 from lib.files import atomic_path, write_json
+from lib.settings import CHOICES
 
 DATASET_JSON = "dataset.json"
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from lib.config import CHOICES, ConfigError
+from lib.config import ConfigError
 from lib.distribute import global_sum, replicated
+from lib.settings import CHOICES
 
 DICE_EPS = 1e-7
 CE_CLIP = 0.005

@@ -24,7 +24,8 @@ from lib.fast_ops import active_plan
 from lib.runtime import get_logger, setup_runtime
 from lib.run_dir import (CONFIG_FILE, LOG_FILE, check_output, latest_step,
                          network_differences, start_output)
-from lib.train import Trainer, TrainingError, first_batch, kd_weight, model_variables
+from lib.settings import kd_weight
+from lib.train import Trainer, TrainingError, first_batch, model_variables
 
 MODALITY_LISTS = {"mr": ("SOURCE_TRAIN_LIST", "SOURCE_VAL_LIST", "SOURCE_TEST_LIST"),
                   "ct": ("TARGET_TRAIN_LIST", "TARGET_VAL_LIST", "TARGET_TEST_LIST")}

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from lib import fast_ops
-from lib.config import CHOICES
+from lib.settings import CHOICES
 
 PRECISIONS = CHOICES["PRECISION"]
 _POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}

@@ -1,9 +1,14 @@
-"""Settings shared by the 2D (main_combine.py) and the 3D (3d_implementation/main.py) scripts.
+"""The settings schema: the shared settings and their defaults, and the type, allowed values
+and derived values of every setting. Imports no TensorFlow.
 
-Each entry script starts with ``from lib.settings import *`` and then lists the settings of
-its own network. Everything here can be overridden on the command line as ``--name=value``,
-or set again in an entry script below its import line.
+The constants below are the settings the 2D (main_combine.py) and the 3D
+(3d_implementation/main.py) entry scripts share; each entry script lists the settings of its
+own network. lib.config.resolve puts the two together (a constant written again in an entry
+script wins), then the PRESET, then ``--name=value`` overrides; lib.config.validate checks
+the result against the tables at the end of this module. Every setting has its default in
+exactly one place: here, or in the entry script of its network.
 """
+from __future__ import annotations
 
 # --- run control
 TEST_MODEL = ""              # checkpoint prefix to test; empty = latest of OUTPUT_PATH
@@ -43,4 +48,32 @@ DETERMINISTIC = False        # TensorFlow op determinism (identical runs, slower
 TENSORBOARD_PORT = None      # launch TensorBoard on 127.0.0.1:PORT while training
 PROGRESS = True              # show a progress bar
 
-TYPES = {"TENSORBOARD_PORT": int, "DISTRIBUTE": str}  # types of settings whose constant is None
+# --- the schema tables (not settings)
+# The type of every setting whose default is None; any other setting has its default's type.
+TYPES = {"TENSORBOARD_PORT": int, "DISTRIBUTE": str}
+# The allowed values of every setting that takes one of a few; the modules that act on
+# them import these tuples, so each list is written once.
+CHOICES = {
+    "PHASE": ("train", "test", "train_test"),
+    "PRECISION": ("auto", "fp32", "bf16", "fp16"),
+    "KD_CLASSES": ("all", "present"),
+    "OUT_OF_RANGE_LABELS": ("error", "ignore"),
+    "TEST_FLIP": ("npz", "released", "none"),
+    "DISTRIBUTE": (None, "mirrored", "multi_worker"),
+}
+# Settings that count steps or examples: at least 1 (0 would divide by zero mid-training).
+POSITIVE_KEYS = frozenset({"BATCH_SIZE", "CHECKPOINT_SPACE", "DISPLAY_STEP", "SUMMARY_STEP",
+                           "LR_DECAY_STEPS", "KEEP_CHECKPOINTS", "TEST_BATCH"})
+SCHEMA_TABLES = ("TYPES", "CHOICES", "POSITIVE_KEYS", "SCHEMA_TABLES")
+
+
+# --- derived values: computed from the settings here, never set by hand
+def kd_weight(config: dict) -> float:
+    """Weight of the distillation term: MIU_KD for a scheme that uses KD (ummkd), else 0.
+
+    The baselines (separate_bn, joint, individual, y_shape, x_shape) are trained without
+    distillation whatever MIU_KD says.
+    """
+    from lib.schemes import get_scheme
+
+    return float(config["MIU_KD"]) if get_scheme(config["SCHEME"]).kd else 0.0

@@ -32,12 +32,13 @@ import numpy as np
 import tensorflow as tf
 
 from lib import interrupt, losses
-from lib.run_dir import LOG_FILE, trim_log
 from lib.distribute import first_replica, is_chief, local_results, worker
 from lib.layers import MODALITIES, conv_kernels
 from lib.optim import FusedAdam
+from lib.run_dir import LOG_FILE, trim_log
 from lib.runtime import get_logger, launch_tensorboard
-from lib.schemes import get_scheme
+from lib.settings import kd_weight
+
 
 def model_variables(model) -> dict:
     """Every variable of the model (BN statistics too), keyed by position, for checkpoints.
@@ -47,17 +48,6 @@ def model_variables(model) -> dict:
     their variables; positions are stable where auto-generated layer names are not.
     """
     return {f"{i:04d}": v for i, v in enumerate(model.variables)}
-
-
-def kd_weight(config: dict) -> float:
-    """Weight of the distillation term: MIU_KD for a scheme that uses KD (ummkd), else 0.
-
-    The baselines (separate_bn, joint, individual, y_shape, x_shape) are trained without
-    distillation whatever MIU_KD says; USE_KD=False (if present) turns it off for UMMKD too.
-    """
-    if not config.get("USE_KD", True):
-        return 0.0
-    return float(config["MIU_KD"]) if get_scheme(config["SCHEME"]).kd else 0.0
 
 
 class TrainingError(RuntimeError):

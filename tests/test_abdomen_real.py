@@ -43,7 +43,7 @@ def test_prepare_train_and_test_the_real_pair(tmp_path):
         args[f"{src}_train_list"] = str(base / f"{m}_train" / "train_list.txt")
         args[f"{src}_test_list"] = str(base / f"{m}_test" / "test_list.txt")
     assert main(vars(main_combine), main_combine.network, [f"--{k}={v}" for k, v in args.items()],
-                main_combine.PRESETS, main_combine.TYPES, main_combine._ROOT) == 0
+                main_combine.PRESETS, main_combine._ROOT) == 0
     report = json.load(open(os.path.join(out, "results", "metrics.json"), encoding="utf-8"))
     assert report["classes"] == ["liver", "right_kidney", "left_kidney", "spleen"]
     for m in ("mr", "ct"):

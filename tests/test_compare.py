@@ -108,12 +108,12 @@ def test_parameter_counts_3d_match_a_hand_count():
 
 # ---------------------------------------------------------------- KD only for ummkd
 def test_only_ummkd_uses_distillation():
-    from lib.train import kd_weight
+    from lib.settings import kd_weight
 
     for s in SCHEMES:
         config = {"SCHEME": s, "MIU_KD": 0.5}
         assert kd_weight(config) == (0.5 if s == "ummkd" else 0.0)
-    assert kd_weight({"SCHEME": "ummkd", "MIU_KD": 0.5, "USE_KD": False}) == 0.0
+    assert kd_weight({"SCHEME": "ummkd", "MIU_KD": 0.0}) == 0.0
 
 
 @pytest.mark.parametrize("scheme", list(SCHEMES))
@@ -126,7 +126,7 @@ def test_each_scheme_trains_two_steps(scheme, tmp_path):
     config = resolve(vars(main_combine), [
         "--preset=custom", "--feature_base=2", "--n_class=3", "--image_size=16",
         "--class_names=a,b", "--precision=fp32", "--progress=false", f"--scheme={scheme}"],
-        main_combine.PRESETS, main_combine.TYPES)
+        main_combine.PRESETS)
     tf.keras.utils.set_random_seed(0)
     model = build_model(config)
     trainer = Trainer(config, model, str(tmp_path / scheme))

@@ -28,7 +28,7 @@ PRESETS = {"demo": {"NUM_STEPS": 10}, "custom": {}}
     (["--scheme=joint"], "SCHEME", "joint"),
 ])
 def test_overrides(args, key, value):
-    config = resolve(NS, args, PRESETS, {"TENSORBOARD_PORT": int})
+    config = resolve(NS, args, PRESETS)
     assert config[key] == value and type(config[key]) is type(value)
     assert "lower_case" not in config
 
@@ -47,5 +47,28 @@ def test_overrides(args, key, value):
 ])
 def test_bad_overrides_are_one_line_errors(args, message):
     with pytest.raises(ConfigError, match=message) as err:
-        resolve(NS, args, PRESETS, {"TENSORBOARD_PORT": int})
+        resolve(NS, args, PRESETS)
     assert "\n" not in str(err.value)
+
+
+def test_every_setting_has_one_default():
+    """The entry scripts and lib/settings.py define disjoint settings; resolve() joins them,
+    a shared constant written again in an entry script wins, and --help lists them all."""
+    import main_combine
+    from lib import settings
+    from lib.cli import entry_module
+    from lib.config import constants, defaults
+
+    shared = constants(vars(settings))
+    assert {"MIU_KD", "SEED", "PRECISION", "N_CLASS"} <= set(shared)
+    assert not set(shared) & set(settings.SCHEMA_TABLES)  # the tables are no settings
+    for module in (main_combine, entry_module("3d")):
+        own = constants(vars(module))
+        assert {"BATCH_SIZE", "NUM_STEPS", "FEATURE_BASE"} <= set(own)
+        assert not set(own) & set(shared), "a setting with two defaults"
+        config = resolve(vars(module), ["--preset=custom"], module.PRESETS)
+        assert set(config) == set(own) | set(shared)
+        assert config["MIU_KD"] == settings.MIU_KD and config["BATCH_SIZE"] == module.BATCH_SIZE
+    assert defaults({"MIU_KD": 0.25})["MIU_KD"] == 0.25  # written again in a script: it wins
+    for key in settings.TYPES:  # every typed-None setting exists
+        assert key in shared

@@ -344,7 +344,7 @@ def test_multi_worker_two_processes_equal_one_process(tiny_data, tmp_path):
     single = str(tmp_path / "single")
     args = tiny_overrides(tiny_data, single, phase="train", **dict(common, num_steps=4))
     assert main(vars(main_combine), main_combine.network, args, main_combine.PRESETS,
-                main_combine.TYPES, main_combine._ROOT) == 0
+                main_combine._ROOT) == 0
 
     out = str(tmp_path / "cluster")
     scratch = [str(tmp_path / f"tmp{i}") for i in range(2)]
@@ -402,6 +402,6 @@ def test_bad_distribute_settings_are_one_line_errors(args, tf_config, message, m
     else:
         monkeypatch.setenv("TF_CONFIG", tf_config)
     assert main(vars(main_combine), main_combine.network, args, main_combine.PRESETS,
-                main_combine.TYPES, main_combine._ROOT) == 2
+                main_combine._ROOT) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {message}") and "\n" not in err, err

@@ -169,7 +169,7 @@ def test_training_on_the_four_real_records_and_the_error_rule(tmp_path, capsys):
 
     def run(extra):
         return main(vars(main_combine), main_combine.network, args + extra,
-                    main_combine.PRESETS, main_combine.TYPES, main_combine._ROOT)
+                    main_combine.PRESETS, main_combine._ROOT)
 
     refused = str(tmp_path / "refused")
     assert run([f"--output_path={refused}", "--out_of_range_labels=error"]) == 2
@@ -328,7 +328,7 @@ def test_test_labels_outside_the_classes_stop_train_test_before_training(tmp_pat
     nib.save(nib.Nifti1Image(label, img.affine), label_file)
     out = str(tmp_path / "run")
     assert main(vars(main_combine), main_combine.network, tiny_overrides(lists, out),
-                main_combine.PRESETS, main_combine.TYPES, main_combine._ROOT) == 2
+                main_combine.PRESETS, main_combine._ROOT) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {label_file}: label values outside 0..2 (value 9 on ")
     assert "\n" not in err and not os.path.exists(out)

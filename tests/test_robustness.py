@@ -20,7 +20,7 @@ from lib.run_dir import trim_log
 
 def run(args):
     return main(vars(main_combine), main_combine.network, args, main_combine.PRESETS,
-                main_combine.TYPES, main_combine._ROOT)
+                main_combine._ROOT)
 
 
 def error_line(capsys):

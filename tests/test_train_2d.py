@@ -13,7 +13,7 @@ from lib.cli import main
 
 def run(args):
     return main(vars(main_combine), main_combine.network, args, main_combine.PRESETS,
-                main_combine.TYPES, main_combine._ROOT)
+                main_combine._ROOT)
 
 
 def event_tags(folder):
