@@ -59,7 +59,8 @@ PRESETS = {
     # the released MM-WHS slices as the original read them: its one-hot gave their label
     # 5 no class, its test flipped the released test volumes; float32 and TF 1's Adam
     "paper": dict(OUTPUT_PATH="output/2d_paper", OUT_OF_RANGE_LABELS="ignore",
-                  TEST_FLIP="released", PRECISION="fp32", ADAM_EPSILON=1e-8),
+                  TEST_FLIP="released", PRECISION="fp32", ADAM_EPSILON=1e-8,
+                  CHECKPOINT_MINUTES=10.0),
     "demo": dict(
         OUTPUT_PATH="output/2d_demo", IMAGE_SIZE=64, FEATURE_BASE=8, BATCH_SIZE=4,
         NUM_STEPS=1000, LR_DECAY_STEPS=40, CHECKPOINT_SPACE=250, DISPLAY_STEP=200,

@@ -61,7 +61,7 @@ PRESETS = {
     # the original's abdominal 3D setting: its one-hot gave labels outside the classes no
     # class; float32 and TF 1's Adam
     "paper": dict(OUTPUT_PATH="output/3d_paper", OUT_OF_RANGE_LABELS="ignore",
-                  PRECISION="fp32", ADAM_EPSILON=1e-8,
+                  PRECISION="fp32", ADAM_EPSILON=1e-8, CHECKPOINT_MINUTES=10.0,
                   CLASS_NAMES=["liver", "right_kidney", "left_kidney", "spleen"]),
     "demo": dict(
         OUTPUT_PATH="output/3d_demo", PATCH_SIZE=[64, 64, 8], FEATURE_BASE=8, BATCH_SIZE=2,

@@ -322,6 +322,8 @@ def prepare(cases, label_map, out_dir, *, modality, split, image_size=prep.IMAGE
     # validation pass: read everything once so that bad input is found before any write
     for image_path, label_path, _ in cases:
         case = prep.read_case(image_path, label_path)
+        for note in case.notes:
+            log(note)
         mapped, _ = prep.map_labels(case.label, label_map)
         if crop == "label" and not mapped.any():
             raise DataError(f"{label_path}: label has no voxel of any mapped class "

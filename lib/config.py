@@ -150,6 +150,12 @@ def validate(config: dict) -> None:
             bad(key, "an integer >= 1")
     if config["NUM_STEPS"] < 0:
         bad("NUM_STEPS", "an integer >= 0")
+    if config["DISTRIBUTE"] is not None and config["XLA"]:
+        raise ConfigError("XLA: TensorFlow cannot compile a step that synchronises replicas "
+                          "(the losses' global-batch sums and the BN statistics all-reduce "
+                          "inside it); use XLA with DISTRIBUTE=None, or --xla=false")
+    if not config["CHECKPOINT_MINUTES"] >= 0:
+        bad("CHECKPOINT_MINUTES", "a number >= 0")
     if "LEARNING_RATE" in config and not config["LEARNING_RATE"] > 0:
         bad("LEARNING_RATE", "a number > 0")
     if "N_CLASS" in config and len(config["CLASS_NAMES"]) != config["N_CLASS"] - 1:
@@ -161,9 +167,6 @@ def validate(config: dict) -> None:
         raise ConfigError(f"CPU_DEVICES: expected an integer >= 0, got {devices!r}")
     if config["DISTRIBUTE"] == "multi_worker":
         tf_config(required=True)
-    if config["DISTRIBUTE"] is not None and config["XLA"]:
-        raise ConfigError("XLA: not supported together with DISTRIBUTE (compile one device "
-                          "only, or set --xla=false)")
 
 
 def help_text(config: dict) -> str:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import tensorflow as tf
 
+from lib import geometry
 from lib.files import atomic_path, write_text
 
 RELEASED_LABEL_CHANNELS = 3  # the released files store the label as [H, W, 3]
@@ -556,15 +557,24 @@ def load_volume(entry: str, flip: bool | None = None) -> Volume:
             raise DataError(f"{path}: cannot read the {what} NIfTI file ({err})") from None
 
     img, image = read(parts[0], "image")
-    _, label = read(parts[1], "label")
+    lab, label = read(parts[1], "label")
     image = image.astype(np.float32, copy=False)
     label = np.rint(label).astype(np.int32)
-    if image.shape != label.shape:
-        raise DataError(f"{parts[1]}: label shape {label.shape} differs from image "
-                        f"shape {image.shape}")
+    meta = {"label_file": parts[1]}
+    tol = 1e-3 * float(np.max(img.header.get_zooms()[:3]))
+    if image.shape != label.shape or not np.allclose(img.affine, lab.affine, atol=tol):
+        alignment = geometry.grid_alignment(lab.affine, label.shape, img.affine, image.shape)
+        if alignment is None and image.shape != label.shape:
+            raise DataError(f"{parts[1]}: label shape {label.shape} differs from image "
+                            f"shape {image.shape}")
+        if alignment is None:
+            raise DataError(f"{parts[1]}: label geometry differs from image {parts[0]} (not "
+                            "the same voxels in another axis order or direction)")
+        label = geometry.apply_alignment(label, alignment)
+        meta["note"] = (f"{parts[1]}: brought onto the grid of {parts[0]} exactly "
+                        f"({geometry.describe(alignment)}, no interpolation)")
     spacing = tuple(float(s) for s in img.header.get_zooms()[:3])
-    return oriented(Volume(case_name(parts[0]), image, label, spacing, img.affine,
-                           meta={"label_file": parts[1]}))
+    return oriented(Volume(case_name(parts[0]), image, label, spacing, img.affine, meta=meta))
 
 
 def zip_modalities(datasets: dict) -> tf.data.Dataset:
@@ -576,6 +586,20 @@ def zip_modalities(datasets: dict) -> tf.data.Dataset:
     zipped = tf.data.Dataset.zip(tuple(datasets[m] for m in names))
     return zipped.map(lambda *pairs: ({m: p[0] for m, p in zip(names, pairs)},
                                       {m: p[1] for m, p in zip(names, pairs)}))
+
+
+def compact_batches(dataset: tf.data.Dataset, image_dtype, n_class: int) -> tf.data.Dataset:
+    """Batches ({m: x}, {m: y}) as they travel to the device, at a third of the bytes.
+
+    Labels become uint8 when every value they can hold (0..n_class, n_class being the
+    no-class value of OUT_OF_RANGE_LABELS="ignore") fits in a byte; the training step casts
+    them back to int32. Images become ``image_dtype``, the compute dtype of the dtype
+    policy: the network casts its input to it first thing, so its numbers are the same.
+    """
+    image_dtype = tf.as_dtype(image_dtype)
+    label_dtype = tf.uint8 if n_class <= 255 else tf.int32
+    return dataset.map(lambda x, y: ({m: tf.cast(x[m], image_dtype) for m in x},
+                                     {m: tf.cast(y[m], label_dtype) for m in y}))
 
 
 def validation_start(config: dict, start_step: int) -> int:

@@ -122,15 +122,19 @@ def is_chief(strategy) -> bool:
     return task_type == "worker" and task_id == 0 and "chief" not in cluster
 
 
-def distribute_dataset(strategy, dataset):
+def distribute_dataset(strategy, dataset, device: str | None = None):
     """A dataset of global batches -> per-replica batches of BATCH_SIZE / replicas.
 
     Every worker builds the same (seeded, step-keyed) stream and keeps its own part of each
     global batch (sharding by data, not files: the training files are drawn at random, not
-    listed once), so every global batch is the one a single device would see.
+    listed once), so every global batch is the one a single device would see. The
+    distributed dataset copies each replica's part to its device ahead of the step;
+    ``device`` (one device, lib.runtime.input_device) does the same for a one-GPU run.
     """
     import tensorflow as tf
 
+    if device is not None:
+        return dataset.apply(tf.data.experimental.prefetch_to_device(device, buffer_size=2))
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return strategy.experimental_distribute_dataset(dataset.with_options(options))

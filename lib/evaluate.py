@@ -259,6 +259,8 @@ def evaluate(predict, test_lists: dict, class_names: list[str], output_path: str
             log(f"  {modality}: {flipped} of {len(volumes)} test volumes flipped on axes 0 "
                 f"and 1 to the training slices' layout (TEST_FLIP={flip})")
         for volume, record in volumes:
+            if "note" in volume.meta:  # a label re-indexed onto its image's grid
+                log(f"  {modality}: {volume.meta['note']}")
             if volume.spacing is None and unit == "mm":
                 unit = "voxel"
                 log(f"  {modality}: {volume.name} has no voxel size (an .npz file without a "

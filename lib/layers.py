@@ -220,8 +220,10 @@ class ModalityBatchNorm(keras.layers.Layer):
         """Mean and variance [M, 1, C] of each modality over the batches of all replicas.
 
         Each replica contributes its count, sum and sum of squares about its own mean
-        (Chan et al.'s pairwise combination); the all-reduce's gradient is the all-reduce
-        of the gradients, so backpropagation sees the global statistics too.
+        (Chan et al.'s pairwise combination), in one batched all-reduce per layer (the
+        strategy's cross-device ops pack its three tensors); its gradient is the all-reduce
+        of the gradients, so backpropagation sees the global statistics too. One layer's
+        statistics need the previous layer's output, so layers cannot share a collective.
         """
         g = tf.cast(groups, tf.float32)
         n = tf.cast(tf.shape(g)[1], tf.float32)

@@ -16,14 +16,16 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
+import keras
 import tensorflow as tf
 
 from lib.config import ConfigError, load_config, validate
+from lib.data import compact_batches
 from lib.distribute import distribute_dataset, is_chief, make_strategy
 from lib.fast_ops import active_plan
-from lib.runtime import get_logger, setup_runtime
-from lib.run_dir import (CONFIG_FILE, LOG_FILE, check_output, latest_step,
-                         network_differences, start_output)
+from lib.runtime import Hardware, get_logger, input_device, setup_runtime
+from lib.run_dir import (CONFIG_FILE, LOG_FILE, RunLock, check_output, latest_checkpoint,
+                         latest_step, network_differences, start_output)
 from lib.settings import kd_weight
 from lib.train import Trainer, TrainingError, first_batch, model_variables
 
@@ -58,7 +60,7 @@ def resolve_paths(config: dict, root: str) -> dict:
 def _restore_for_test(model, config: dict, prefix: str | None, output_path: str, logger):
     """Restore the model weights of a checkpoint prefix (default: the run's latest)."""
     if not prefix:
-        prefix = tf.train.latest_checkpoint(os.path.join(output_path, "checkpoints"))
+        prefix = latest_checkpoint(os.path.join(output_path, "checkpoints"))
         if not prefix:
             raise ConfigError(f"{output_path}: no checkpoint to test; train first or set "
                               "--test_model=PREFIX")
@@ -81,12 +83,28 @@ def _restore_for_test(model, config: dict, prefix: str | None, output_path: str,
 
 
 def train_and_evaluate(config: dict, network: Network) -> dict | None:
-    """Train and/or test as PHASE says; returns the metrics.json content of a test phase."""
+    """Train and/or test as PHASE says; returns the metrics.json content of a test phase.
+
+    A training run holds OUTPUT_PATH's lock (lib.run_dir.RunLock) from before its first
+    look at the folder until it returns, so a second run on it is refused."""
     validate(config)  # before anything is written (lib/cli.py checked already)
+    lock = RunLock(config["OUTPUT_PATH"])
+    try:
+        return _run(config, network, lock)
+    finally:
+        lock.release()
+
+
+def _run(config: dict, network: Network, lock: RunLock) -> dict | None:
     phase, output_path = config["PHASE"], config["OUTPUT_PATH"]
     strategy = make_strategy(config)  # first: it may configure the devices
     chief = is_chief(strategy)
-    precision = setup_runtime(config)
+    hardware = Hardware.detect()
+    precision = setup_runtime(config, hardware)
+    if config["PRESET"] == "paper" and not hardware.gpus and phase != "test":
+        get_logger(None).warning("warning: the paper preset is about to train on the CPU (no "
+                                 "GPU visible to TensorFlow): expect days; see README, "
+                                 "Training on GPUs")
     if network.prepare_data is not None:
         network.prepare_data(config)
     lists = {m: {k: config[key] for k, key in zip(("train", "val", "test"), keys)}
@@ -101,17 +119,30 @@ def train_and_evaluate(config: dict, network: Network) -> dict | None:
                 count_test_labels(volumes, config["N_CLASS"]).apply("error",
                                                                     f"{m} test volumes")
     training = phase in ("train", "train_test")
+    if training and chief:  # multi-worker runs lock once, on the chief
+        lock.acquire(get_logger(None))
     # Everything that can be wrong is checked before the first write to OUTPUT_PATH.
     action = check_output(config, output_path) if training else None
     logger = get_logger(None)
     logger.info(f"{network.name}: preset {config['PRESET']}, scheme {config['SCHEME']}, "
                 f"precision {precision}, output {output_path}")
-    logger.info(f"device {active_plan().describe()}")
+    device = input_device(hardware, strategy) if training else None
+    logger.info(f"devices: {hardware.describe()}; ops {active_plan().describe()}")
+    logger.info(f"fast paths: precision {precision}"
+                f"{' (dynamic loss scaling)' if precision == 'fp16' else ''}, XLA "
+                f"{'on' if config['XLA'] else 'off'}, training batches "
+                + (f"prefetched to {device}" if device else
+                   "prefetched to each replica's device" if strategy.num_replicas_in_sync > 1
+                   else "on the host") + ", labels uint8 in transit")
     if config["DISTRIBUTE"]:
         logger.info(f"DISTRIBUTE={config['DISTRIBUTE']}: {strategy.num_replicas_in_sync} "
                     f"replicas, {config['BATCH_SIZE'] // strategy.num_replicas_in_sync} "
                     f"examples per modality each, synchronised BN {bool(config['SYNC_BN'])}"
                     + ("" if chief else "; this worker writes nothing to OUTPUT_PATH"))
+    if training:  # before the model is built (which takes a while at the paper's size)
+        from lib.data import check_list_files
+        for m in lists:
+            check_list_files(lists[m]["train"])
     with strategy.scope():  # variables mirrored on every replica
         model = network.build_model(config)
     n_params = sum(int(v.shape.num_elements()) for v in model.trainable_variables)
@@ -123,8 +154,11 @@ def train_and_evaluate(config: dict, network: Network) -> dict | None:
         train, val = network.train_datasets(
             config, {m: lists[m]["train"] for m in lists},
             {m: lists[m]["val"] for m in lists if lists[m]["val"]}, start)
-        train = distribute_dataset(strategy, train)
-        val = distribute_dataset(strategy, val) if val is not None else None
+        dtype = keras.mixed_precision.dtype_policy().compute_dtype
+        train = distribute_dataset(strategy, compact_batches(train, dtype, config["N_CLASS"]),
+                                   device)
+        val = (distribute_dataset(strategy, compact_batches(val, dtype, config["N_CLASS"]))
+               if val is not None else None)
         train_iter, batch = first_batch(train)
         if chief:
             start_output(config, output_path, action, logger)

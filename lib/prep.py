@@ -43,6 +43,7 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations as nio
 
+from lib import geometry
 from lib.data import DataError
 
 IMAGE_SIZE = 256
@@ -73,6 +74,7 @@ class Case:
     label: np.ndarray
     canonical_affine: np.ndarray
     original: dict
+    notes: tuple = ()  # what reading did that the log should say (a label re-indexed)
 
     @property
     def original_shape(self) -> tuple:
@@ -240,12 +242,8 @@ def read_case(image_path: str, label_path: str, tol: float = 1e-3) -> Case:
     """
     image, img_affine, header = read_volume(image_path)
     label, lab_affine, _ = read_volume(label_path)
-    if image.shape != label.shape:
-        raise DataError(f"{label_path}: label shape {tuple(label.shape)} differs from image "
-                        f"shape {tuple(image.shape)} of {image_path}")
-    diff = _geometry_difference(img_affine, lab_affine, tol)
-    if diff is not None:
-        raise DataError(f"{label_path}: label geometry differs from image {image_path}: {diff}")
+    label, notes = label_onto_image(label, lab_affine, label_path, image.shape, img_affine,
+                                    image_path, tol)
     if image.dtype.kind not in "biuf":
         raise DataError(f"{image_path}: unsupported voxel type {image.dtype}")
     image = image.astype(np.float32, copy=False)
@@ -273,7 +271,33 @@ def read_case(image_path: str, label_path: str, tol: float = 1e-3) -> Case:
     return Case(image_path, label_path,
                 np.ascontiguousarray(to_canonical(image, orientation)),
                 np.ascontiguousarray(to_canonical(label, orientation)),
-                canonical_affine(img_affine, image.shape), original)
+                canonical_affine(img_affine, image.shape), original, tuple(notes))
+
+
+def label_onto_image(label, label_affine, label_path: str, image_shape, image_affine,
+                     image_path: str, tol: float = 1e-3):
+    """(label on the image's voxel grid, notes for the log).
+
+    A label of the image's shape and geometry is returned as it is. One stored in another
+    axis order or direction on the same physical voxels (lib.geometry) is re-indexed exactly,
+    with no interpolation, and a note says so. Any other label is a DataError naming the
+    file: its shape or geometry differs from the image's.
+    """
+    same_shape = tuple(label.shape[:3]) == tuple(image_shape[:3])
+    if same_shape and _geometry_difference(image_affine, label_affine, tol) is None:
+        return label, []
+    alignment = geometry.grid_alignment(label_affine, label.shape, image_affine, image_shape,
+                                        tol)
+    if alignment is not None:
+        return geometry.apply_alignment(label, alignment), [
+            f"{label_path}: stored in another axis order or direction than {image_path} on "
+            f"the same voxels; brought onto the image grid exactly ({geometry.describe(alignment)}"
+            ", no interpolation)"]
+    if not same_shape:
+        raise DataError(f"{label_path}: label shape {tuple(label.shape)} differs from image "
+                        f"shape {tuple(image_shape)} of {image_path}")
+    diff = _geometry_difference(image_affine, label_affine, tol)
+    raise DataError(f"{label_path}: label geometry differs from image {image_path}: {diff}")
 
 
 # ----------------------------------------------------------------------------- labels

@@ -8,14 +8,18 @@ or moved aside to ``OUTPUT_PATH.old-<time>`` with START_OVER.
 """
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import os
+import socket
 import time
 
 from lib.config import ConfigError, load_config, save_config
 from lib.files import write_text
 
 CONFIG_FILE = "config.json"
+LOCK_SUFFIX = ".lock"  # OUTPUT_PATH.lock, beside the run folder: held while a run trains
 LOG_FILE = "log.jsonl"
 # Settings added after runs were saved: a saved config without one had this value.
 LATER_KEYS = {"KD_CLASSES": "all", "OUT_OF_RANGE_LABELS": "error", "ADAM_EPSILON": 1e-7}
@@ -23,7 +27,7 @@ LATER_KEYS = {"KD_CLASSES": "all", "OUT_OF_RANGE_LABELS": "error", "ADAM_EPSILON
 BOOKKEEPING_KEYS = {"PHASE", "TENSORBOARD_PORT", "DISPLAY_STEP", "CHECKPOINT_SPACE",
                     "SUMMARY_STEP", "KEEP_CHECKPOINTS", "PROGRESS", "RESUME", "START_OVER",
                     "CHECK_DATA", "OUTPUT_PATH", "TEST_MODEL", "TEST_BATCH", "PRESET",
-                    "CPU_DEVICES"}
+                    "CPU_DEVICES", "CHECKPOINT_MINUTES"}
 # Settings that may change between a run and its resumption without changing the run.
 RESUMABLE_KEYS = BOOKKEEPING_KEYS | {
     "NUM_STEPS", "SOURCE_TEST_LIST", "TARGET_TEST_LIST", "TEST_STRIDE", "TEST_FLIP",
@@ -82,11 +86,38 @@ def check_output(config: dict, output_path: str) -> str:
     return "resume"
 
 
-def latest_step(output_path: str) -> int:
-    """Step of the latest complete checkpoint of a run (0 when there is none)."""
+def latest_checkpoint(checkpoint_dir: str) -> str | None:
+    """Prefix of the newest complete checkpoint ``model-N`` in ``checkpoint_dir``, or None.
+
+    Found from the files, not from the ``checkpoint`` state file, which a process killed
+    mid-save may have left naming a checkpoint whose files are not all written: a
+    checkpoint counts when its index (written last) and every data shard it names exist
+    and the index reads.
+    """
     import tensorflow as tf
 
-    prefix = tf.train.latest_checkpoint(os.path.join(output_path, "checkpoints"))
+    steps = []
+    for name in os.listdir(checkpoint_dir) if os.path.isdir(checkpoint_dir) else []:
+        stem, _, number = name[:-len(".index")].rpartition("-")
+        if name.endswith(".index") and stem == "model" and number.isdigit():
+            steps.append(int(number))
+    for step in sorted(steps, reverse=True):
+        prefix = os.path.join(checkpoint_dir, f"model-{step}")
+        shards = glob.glob(glob.escape(prefix) + ".data-*-of-*")
+        count = shards[0].rsplit("-of-", 1)[1] if shards else ""
+        if not count.isdigit() or len(shards) != int(count):
+            continue  # half written: the one before it is the latest
+        try:
+            tf.train.load_checkpoint(prefix)
+        except (tf.errors.OpError, ValueError):
+            continue
+        return prefix
+    return None
+
+
+def latest_step(output_path: str) -> int:
+    """Step of the latest complete checkpoint of a run (0 when there is none)."""
+    prefix = latest_checkpoint(os.path.join(output_path, "checkpoints"))
     return int(prefix.rsplit("-", 1)[1]) if prefix else 0
 
 
@@ -125,3 +156,67 @@ def trim_log(path: str, step: int) -> int:
         return 0
     write_text(path, "".join(keep))
     return len(lines) - len(keep)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+class RunLock:
+    """``OUTPUT_PATH.lock`` (the pid and host of this process), held while a run trains.
+
+    ``acquire`` refuses with a ConfigError while another process holds it. A lock left by
+    a process that is gone (killed) is taken over, and the log says so; one of another host
+    cannot be checked and is refused, naming the file to delete. The file sits beside the
+    run folder, so START_OVER can move the folder aside while it is held.
+    """
+
+    def __init__(self, output_path: str):
+        self.output_path = output_path
+        self.path = output_path.rstrip(os.sep) + LOCK_SUFFIX
+        self.held = False
+
+    def acquire(self, logger=None) -> None:
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                self._take_over_stale(me["host"], logger)
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(me, handle)
+            self.held = True
+            return
+        raise ConfigError(f"{self.output_path}: cannot take the lock {self.path}")
+
+    def _take_over_stale(self, host_here: str, logger) -> None:
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                holder = json.load(handle)
+            pid, host = int(holder["pid"]), str(holder["host"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pid, host = None, None  # unreadable: its writer was killed mid-write
+        if host is not None and host != host_here:
+            raise ConfigError(f"{self.output_path}: locked by pid {pid} on host {host} "
+                              f"({self.path}); if that run is over, delete the file")
+        if pid is not None and _alive(pid):
+            raise ConfigError(f"{self.output_path}: another run (pid {pid}) is training "
+                              "here; wait for it to end or use another OUTPUT_PATH")
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.path)
+        if logger is not None:
+            logger.info(f"{self.path}: took over the lock of pid {pid}, which is gone")
+
+    def release(self) -> None:
+        if self.held:
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
+            self.held = False

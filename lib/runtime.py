@@ -6,6 +6,7 @@ models built after it.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -33,30 +34,61 @@ def cpu_has_fast_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def gpu_has_fast_bf16() -> bool:
-    """True when every visible GPU is compute capability 8.0 (Ampere) or newer."""
-    gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
-        return False
-    for gpu in gpus:
-        cc = tf.config.experimental.get_device_details(gpu).get("compute_capability", (0, 0))
-        if tuple(cc) < (8, 0):
-            return False
-    return True
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    """What this process trains on, as the run's decisions need it (tests inject it).
+
+    gpus: (name, compute capability) of every visible GPU; empty on a CPU.
+    cpu_bf16: the CPU has bfloat16 units (AMX or AVX-512 bf16).
+    """
+    gpus: tuple = ()
+    cpu_bf16: bool = False
+
+    @classmethod
+    def detect(cls) -> "Hardware":
+        gpus = []
+        for gpu in tf.config.list_physical_devices("GPU"):
+            details = tf.config.experimental.get_device_details(gpu)
+            gpus.append((details.get("device_name", gpu.name),
+                         tuple(details.get("compute_capability", (0, 0)))))
+        return cls(tuple(gpus), cpu_has_fast_bf16())
+
+    def describe(self) -> str:
+        if not self.gpus:
+            return (f"CPU only, no GPU visible to TensorFlow (bf16 units: "
+                    f"{'yes' if self.cpu_bf16 else 'no'})")
+        names = sorted({f"{n} (compute capability {c[0]}.{c[1]})" for n, c in self.gpus})
+        return f"{len(self.gpus)} GPU(s): {', '.join(names)}"
 
 
-def resolve_precision(precision: str) -> str:
-    """'auto' becomes 'bf16' where the hardware runs bfloat16 fast, else 'fp32'."""
+def resolve_precision(precision: str, hardware: Hardware | None = None) -> str:
+    """'auto' becomes what the slowest visible GPU runs fastest: 'bf16' on compute
+    capability 8.0 or newer, 'fp16' (with dynamic loss scaling) on 7.x, whose tensor cores
+    have no bfloat16, 'fp32' below; on a CPU 'bf16' where it has bfloat16 units, else
+    'fp32'. Other values are returned as they are."""
     if precision not in PRECISIONS:
         raise ValueError(f"PRECISION: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision != "auto":
         return precision
-    if tf.config.list_physical_devices("GPU"):
-        return "bf16" if gpu_has_fast_bf16() else "fp32"
-    return "bf16" if cpu_has_fast_bf16() else "fp32"
+    hardware = hardware or Hardware.detect()
+    if hardware.gpus:
+        lowest = min(c for _, c in hardware.gpus)
+        return "bf16" if lowest >= (8, 0) else "fp16" if lowest >= (7, 0) else "fp32"
+    return "bf16" if hardware.cpu_bf16 else "fp32"
 
 
-def setup_runtime(config: dict) -> str:
+def input_device(hardware: Hardware, strategy=None) -> str | None:
+    """Where the training batches are prefetched: the GPU of a one-GPU run. A
+    tf.distribute strategy's distributed dataset puts each replica's part on its device
+    itself; on a CPU the batches are where they are made."""
+    if not hardware.gpus:
+        return None
+    if strategy is not None and strategy.num_replicas_in_sync > 1:
+        return None
+    return "/device:GPU:0"
+
+
+def setup_runtime(config: dict, hardware: Hardware | None = None) -> str:
     """Seeds, op determinism, the dtype policy and the device's op plan; returns the
     resolved precision."""
     seed = config["SEED"]
@@ -67,7 +99,7 @@ def setup_runtime(config: dict) -> str:
         keras.utils.set_random_seed(seed)
     if config["DETERMINISTIC"]:
         tf.config.experimental.enable_op_determinism()
-    precision = resolve_precision(config["PRECISION"])
+    precision = resolve_precision(config["PRECISION"], hardware)
     keras.mixed_precision.set_dtype_policy(_POLICIES[precision])
     fast_ops.decide()
     return precision

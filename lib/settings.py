@@ -32,16 +32,17 @@ KD_TEMPERATURE = 2.0         # softmax temperature of the distillation loss
 KD_CLASSES = "all"           # KD over "all" classes (the paper) or those "present" in both batches
 ADAM_EPSILON = 1e-7          # Adam's epsilon (Keras' default; the paper presets: 1e-8, the original's)
 LR_DECAY = 0.95              # learning-rate factor applied every LR_DECAY_STEPS (staircase)
-PRECISION = "auto"           # "fp32", "bf16", "fp16" or "auto" (bf16 where fast, else fp32)
+PRECISION = "auto"           # "fp32", "bf16", "fp16" or "auto" (GPU >= 8.0 or CPU with bf16 units: bf16; GPU 7.x: fp16; else fp32)
 XLA = False                  # compile the training step with XLA (for GPUs; slower on CPUs)
 
-# --- several devices and machines (README, "Several GPUs and several machines")
+# --- several devices and machines (README, "Training on GPUs")
 DISTRIBUTE = None            # None (one device), "mirrored" (local GPUs) or "multi_worker" (TF_CONFIG)
 SYNC_BN = False              # BN statistics over all replicas (per modality) instead of per replica
 CPU_DEVICES = 0              # "mirrored" without GPUs: split the CPU into this many devices (testing)
 
 # --- bookkeeping
 KEEP_CHECKPOINTS = 5         # most recent checkpoints kept
+CHECKPOINT_MINUTES = 0.0     # > 0: skip a CHECKPOINT_SPACE checkpoint until this long after the last
 SUMMARY_STEP = 10            # steps between training scalar summaries
 SEED = 0                     # seeds weights, dropout and the training data stream
 DETERMINISTIC = False        # TensorFlow op determinism (identical runs, slower)

@@ -7,6 +7,11 @@ modality's BN sees its own half), and makes one Adam update on the UMMKD objecti
 the figures) are written under OUTPUT_PATH; a run restarted on the same OUTPUT_PATH with
 the same configuration resumes from its latest checkpoint at its step.
 
+The loop keeps the step count in Python and reads the device only where it logs, validates
+or checkpoints (``reads_at``): between those reads a GPU runs ahead of the host. A failed
+step (a non-finite loss; fp16 without a workable loss scale) is recorded on the device by
+the step itself and raised at the next read (``check_health``), before anything is saved.
+
 The network only has to follow the calling convention of lib/layers.py:
 ``model(x, modalities=("mr", "ct"), training=True) -> logits``.
 
@@ -21,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -35,7 +39,7 @@ from lib import interrupt, losses
 from lib.distribute import first_replica, is_chief, local_results, worker
 from lib.layers import MODALITIES, conv_kernels
 from lib.optim import FusedAdam
-from lib.run_dir import LOG_FILE, trim_log
+from lib.run_dir import LOG_FILE, latest_checkpoint, trim_log
 from lib.runtime import get_logger, launch_tensorboard
 from lib.settings import kd_weight
 
@@ -50,6 +54,10 @@ def model_variables(model) -> dict:
     return {f"{i:04d}": v for i, v in enumerate(model.variables)}
 
 
+# fp16: how often one step may halve the loss scale and try again (2^256 spans float32).
+MAX_SCALE_HALVINGS = 256
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (for example a NaN loss); the message names the step."""
 
@@ -62,7 +70,7 @@ def learning_rate_schedule(config: dict):
 
 def make_optimizer(config: dict, model) -> keras.optimizers.Optimizer:
     optimizer = FusedAdam(learning_rate_schedule(config), epsilon=config["ADAM_EPSILON"])
-    if config["PRECISION"] == "fp16":
+    if keras.mixed_precision.dtype_policy().name == "mixed_float16":  # fp16, or auto on 7.x
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     # Create the slot variables now so that a checkpoint restores them immediately.
     optimizer.build(model.trainable_variables)
@@ -93,6 +101,7 @@ class Trainer:
                                               optimizer=self.optimizer)
         self.checkpoint_dir = os.path.join(output_path, "checkpoints")
         self._scratch = None
+        self.saved_at = time.monotonic()  # the time of the last checkpoint (or the start)
         save_dir = self.checkpoint_dir
         if not self.chief:
             task_type, task_id = worker(self.strategy)
@@ -105,17 +114,27 @@ class Trainer:
             miu_kd=kd_weight(config),
             miu_l2=config["MIU_SEG_L2_NORM"], temperature=config["KD_TEMPERATURE"],
             kd_classes=config["KD_CLASSES"])
+        self.loss_scaled = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
+        # The first step that failed, set by the compiled step and read by the host only
+        # where the loop reads anything (check_health): [step, kind] (kind 1: the loss was
+        # not finite; 2: fp16 gradients stayed non-finite through MAX_SCALE_HALVINGS
+        # halvings of the loss scale), [-1, 0] while all is well; and its loss.
+        self.failure = tf.Variable([-1, 0], dtype=tf.int64, trainable=False)
+        self.failure_loss = tf.Variable(0.0, dtype=tf.float32, trainable=False)
         self.traces = 0
+        # XLA compiles the whole step, the update fused in (one device only: lib.config)
         self.train_step = tf.function(self._train_step, reduce_retracing=True,
                                       jit_compile=bool(config["XLA"]) or None)
         self.eval_step = tf.function(self._eval_step, reduce_retracing=True)
 
     @property
     def step(self) -> int:
+        """The optimizer's step, read from the device (a host sync: not inside the loop)."""
         return int(self.optimizer.iterations.numpy())
 
     # ------------------------------------------------------------------ compiled steps
     def _forward(self, images: dict, labels: dict, training: bool):
+        labels = {m: tf.cast(labels[m], tf.int32) for m in labels}  # uint8 in transit
         x = tf.concat([images[m] for m in self.modalities], axis=0)
         logits = self.model(x, modalities=self.modalities, training=training)
         parts = tf.split(logits, len(self.modalities), axis=0)
@@ -146,9 +165,40 @@ class Trainer:
         return terms
 
     def _train_step(self, images, labels):
+        """One optimizer step on a global batch; returns the terms (global values, the same
+        on every replica) as device tensors. With fp16, an update the loss scaler skips
+        (non-finite gradients: it halves the scale) is tried again on the same batch, so
+        each call takes exactly one step, or records a failure in ``self.failure``."""
         self.traces += 1  # Python side effect: counts traces, not steps
-        terms = self.strategy.run(self._replica_train_step, args=(images, labels))
-        return first_replica(self.strategy, terms)  # global values: the same on every replica
+        before = tf.identity(self.optimizer.iterations)
+
+        def attempt():
+            return first_replica(self.strategy, self.strategy.run(
+                self._replica_train_step, args=(images, labels)))
+
+        terms = attempt()
+        if self.loss_scaled:
+            def skipped(tries, terms):
+                return ((tries < MAX_SCALE_HALVINGS) & tf.math.is_finite(terms["total"])
+                        & tf.equal(self.optimizer.iterations, before))
+
+            _, terms = tf.while_loop(skipped, lambda tries, _: (tries + 1, attempt()),
+                                     (tf.constant(1), terms))
+        self._note_failure(terms["total"], before)
+        return terms
+
+    def _note_failure(self, total, before):
+        """Record the first failed step in self.failure (inside the compiled step)."""
+        total = tf.cast(total, tf.float32)
+        kind = tf.where(tf.math.is_finite(total), tf.constant(0, tf.int64),
+                        tf.constant(1, tf.int64))
+        if self.loss_scaled:
+            stuck = tf.equal(self.optimizer.iterations, before)
+            kind = tf.where(stuck & tf.equal(kind, 0), tf.constant(2, tf.int64), kind)
+        first = (self.failure[0] < 0) & (kind > 0)
+        step = tf.cast(before, tf.int64) + 1
+        self.failure.assign(tf.where(first, tf.stack([step, kind]), self.failure))
+        self.failure_loss.assign(tf.where(first, total, self.failure_loss))
 
     def _replica_eval_step(self, images: dict, labels: dict):
         _, terms, logits = self._forward(images, labels, training=False)
@@ -166,15 +216,17 @@ class Trainer:
         Every worker restores the chief's checkpoint (OUTPUT_PATH must be on a file system
         they all see), so all replicas start from the same weights.
         """
-        prefix = prefix or tf.train.latest_checkpoint(self.checkpoint_dir)
+        prefix = prefix or latest_checkpoint(self.checkpoint_dir)
         if prefix:
             self.checkpoint.restore(prefix).assert_existing_objects_matched()
             self.logger.info(f"resumed from {prefix} at step {self.step}")
         return self.step
 
-    def save(self) -> str:
-        """Write a checkpoint (every worker must call this); returns the chief's path."""
-        path = self.manager.save(checkpoint_number=self.step)
+    def save(self, step: int | None = None) -> str:
+        """Write a checkpoint of ``step`` (default: read from the device) (every worker must
+        call this); returns the chief's path."""
+        path = self.manager.save(checkpoint_number=self.step if step is None else step)
+        self.saved_at = time.monotonic()
         if not self.chief:
             return os.path.join(self.checkpoint_dir, os.path.basename(path))
         self.logger.info(f"checkpoint {path}")
@@ -208,26 +260,25 @@ class Trainer:
         try:
             with self._open_log(start) as log_file, interrupt.deferred():
                 while step < num_steps:
-                    images, labels = self.next_batch(train_iter, first_batch)
+                    images, labels = self.next_batch(train_iter, first_batch, step)
                     first_batch = None
-                    taken, total, terms = self.take_step(images, labels, step)
-                    if taken is None:  # fp16 skipped the update: the step is taken again
-                        interrupt.check()
-                        continue
-                    step = taken
-                    self.log_and_validate(step, num_steps, terms, images, labels, val_iter,
-                                          writers, log_file)
-                    if step % self.config["CHECKPOINT_SPACE"] == 0 and step < num_steps:
-                        self.save()
+                    terms = self.train_step(images, labels)
+                    step += 1  # the step counter lives here: nothing is read per step
+                    if self.reads_at(step, num_steps):
+                        last = self.check_health(terms)
+                        self.log_and_validate(step, num_steps, terms, images, labels,
+                                              val_iter, writers, log_file)
+                        bar.set_postfix(loss=f"{last:.3f}")
+                        if self.checkpoint_due(step) and step < num_steps:
+                            self.save(step)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{total:.3f}")
-                    last = total
                     interrupt.check()  # Ctrl-C acts here, between steps
-            path = self.save()
+            path = self.save(step)
         except KeyboardInterrupt:
             bar.close()
-            self.logger.info(f"interrupted at step {self.step}: writing a checkpoint")
-            self.save()
+            self.check_health()  # a failed step is reported, never saved
+            self.logger.info(f"interrupted at step {step}: writing a checkpoint")
+            self.save(step)
             raise
         finally:
             bar.close()
@@ -265,32 +316,52 @@ class Trainer:
                                  f"restored step {start}; they are trained again")
         return open(log_path, "a", encoding="utf-8")
 
-    def next_batch(self, train_iter, first_batch=None):
+    def next_batch(self, train_iter, first_batch=None, step: int = 0):
         """``first_batch`` if given, else the next training batch; a data error met in the
-        input pipeline becomes a TrainingError naming the file."""
+        input pipeline (after ``step``) becomes a TrainingError naming the file."""
         if first_batch is not None:
             return first_batch
         try:
             return next(train_iter)
         except tf.errors.OpError as err:
-            raise TrainingError(_data_error(err, self.step)) from None
+            raise TrainingError(_data_error(err, step)) from None
 
-    def take_step(self, images: dict, labels: dict, before: int):
-        """One training step after step ``before``: (step, total loss, terms), or (None,
-        total, terms) when the fp16 loss scaler met non-finite gradients and skipped the
-        update (it lowers its scale; the step is taken again and not logged). A non-finite
-        loss stops training with a TrainingError; the checkpoints written before stay
-        intact.
+    def reads_at(self, step: int, num_steps: int) -> bool:
+        """Whether the loop reads from the device after ``step``: at the summaries
+        (SUMMARY_STEP), the validation (DISPLAY_STEP), the checkpoints (CHECKPOINT_SPACE)
+        and the last step. Between them the host only queues steps, so a GPU runs ahead."""
+        c = self.config
+        return (step == num_steps or step % c["SUMMARY_STEP"] == 0
+                or step % c["DISPLAY_STEP"] == 0 or step % c["CHECKPOINT_SPACE"] == 0)
 
-        The loss and the step are read to the host once per step, to catch divergence at
-        the step it happens."""
-        terms = self.train_step(images, labels)
-        step, total = self.step, float(terms["total"])
-        if not math.isfinite(total):
-            raise TrainingError(f"step {step}: the loss is {total}; stopped. Checkpoints "
-                                f"written before this step are intact in "
-                                f"{self.manager.directory}")
-        return (None if step == before else step), total, terms
+    def checkpoint_due(self, step: int) -> bool:
+        """Every CHECKPOINT_SPACE steps; with CHECKPOINT_MINUTES, only once that long has
+        passed since the last checkpoint (a fast GPU would otherwise spend much of its
+        time writing them). Multi-worker runs keep to the steps: every worker must save at
+        the same ones, and their clocks differ."""
+        if step % self.config["CHECKPOINT_SPACE"]:
+            return False
+        minutes = self.config["CHECKPOINT_MINUTES"]
+        if minutes <= 0 or self.config["DISTRIBUTE"] == "multi_worker":
+            return True
+        return time.monotonic() - self.saved_at >= 60.0 * minutes
+
+    def check_health(self, terms: dict | None = None) -> float | None:
+        """Raise TrainingError if a step since the last read failed (the loss was not
+        finite, or fp16 could not find a loss scale); else return the total loss of
+        ``terms``. Checkpoints are written only after this check, so those on disk are
+        from steps before the failure."""
+        step, kind = (int(v) for v in self.failure.numpy())
+        if kind == 1:
+            raise TrainingError(f"step {step}: the loss is {float(self.failure_loss.numpy())};"
+                                f" stopped. Checkpoints written before this step are intact "
+                                f"in {self.manager.directory}")
+        if kind == 2:
+            raise TrainingError(f"step {step}: the fp16 gradients stayed non-finite through "
+                                f"{MAX_SCALE_HALVINGS} halvings of the loss scale; stopped "
+                                f"(try PRECISION=bf16 or fp32). Checkpoints written before "
+                                f"this step are intact in {self.manager.directory}")
+        return None if terms is None else float(terms["total"])
 
     def log_and_validate(self, step: int, num_steps: int, terms: dict, images, labels,
                          val_iter, writers: dict, log_file) -> None:

@@ -105,3 +105,25 @@ def test_bf16_and_fp32_losses_agree():
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
     assert totals["mixed_bfloat16"] == pytest.approx(totals["float32"], rel=0.05, abs=0.02)
+
+
+def test_train_loop_benchmark_json():
+    r = bench("train_loop.py", "--steps=3", "--repeats=1", "--image_size=16",
+              "--feature_base=2", "--batch_size=2", "--summary_step=2")
+    rates = r["steps_per_s"]
+    assert set(rates) == {"host_free", "read_every_step"} and min(rates.values()) > 0
+    assert r["ratio_host_free"] == pytest.approx(
+        rates["host_free"] / rates["read_every_step"], abs=2e-3)
+    assert r["config"] == {"IMAGE_SIZE": 16, "FEATURE_BASE": 2, "BATCH_SIZE": 2,
+                           "SUMMARY_STEP": 2}
+
+
+def test_checkpoint_benchmark_json():
+    r = bench("checkpoint.py", "--model=3d", "--feature_base=2", "--saves=1",
+              "--step_ms=10", "--minutes=10")
+    # weights and two Adam slots, float32: at least 3 x 4 bytes per parameter
+    assert r["checkpoint_bytes"] >= 12 * r["parameters"] > 0
+    s = r["save_s"]
+    assert r["share_writing_every_space"] == pytest.approx(
+        s / (s + r["checkpoint_space"] * 0.010), abs=1e-3)
+    assert r["share_writing_every_minutes"] == pytest.approx(s / (s + 600), abs=1e-4)

@@ -204,12 +204,11 @@ def test_bad_arguments_are_refused(capsys, tmp_path):
 
 
 def test_a_run_trained_past_num_steps_is_started_over(tmp_path):
+    import tensorflow as tf
+
     ckpts = tmp_path / "run" / "checkpoints"
-    ckpts.mkdir(parents=True)
-    (ckpts / "checkpoint").write_text('model_checkpoint_path: "model-10"\n'
-                                      'all_model_checkpoint_paths: "model-10"\n')
-    (ckpts / "model-10.index").write_bytes(b"")
-    (ckpts / "model-10.data-00000-of-00001").write_bytes(b"")
+    tf.train.CheckpointManager(tf.train.Checkpoint(v=tf.Variable(1.0)), str(ckpts), 2,
+                               checkpoint_name="model").save(checkpoint_number=10)
     config = {"OUTPUT_PATH": str(tmp_path / "run"), "NUM_STEPS": 4}
     assert compare.trained_beyond(config) == 10
     assert compare.trained_beyond({**config, "NUM_STEPS": 10}) is None

@@ -389,7 +389,8 @@ def test_multi_worker_two_processes_equal_one_process(tiny_data, tmp_path):
     (["--distribute=foo"], None, "DISTRIBUTE: expected none, mirrored or multi_worker"),
     (["--distribute=multi_worker"], None, "DISTRIBUTE: multi_worker needs the TF_CONFIG"),
     (["--distribute=multi_worker"], '{"cluster": {}}', "DISTRIBUTE: TF_CONFIG is not"),
-    (["--distribute=mirrored", "--xla=true"], None, "XLA: not supported together"),
+    (["--distribute=mirrored", "--xla=true"], None, "XLA: TensorFlow cannot compile a step "
+                                                    "that synchronises replicas"),
     (["--cpu_devices=-1"], None, "CPU_DEVICES: expected an integer >= 0"),
 ])
 def test_bad_distribute_settings_are_one_line_errors(args, tf_config, message, monkeypatch,
