@@ -6,6 +6,7 @@ Edit the settings below, or override any of them on the command line as --name=v
     python main_combine.py                                   # demo: phantom data, <10 min on 2 cores
     python main_combine.py --preset=paper                    # the paper's 2D setting (GPU)
     python main_combine.py --phase=test --test_model=output/2d_demo/checkpoints/model-1000
+    python main_combine.py --phase=predict --predict_modality=ct --predict_input=scans/
 
 The chosen PRESET fills in the settings it lists (see PRESETS below) over the values
 written here; command-line overrides come last. PRESET "custom" uses the values as written.
@@ -98,7 +99,7 @@ def network():
     def predictor(model, config):
         fn = make_predict_fn(model, [config["IMAGE_SIZE"]] * 2 + [3])
         return lambda m, image: predict_volume_2d(fn, m, image, config["IMAGE_SIZE"],
-                                                  config["TEST_BATCH"])
+                                                  config["TEST_BATCH"], config["TEST_MIRROR"])
 
     def prepare_data(config):
         if config["PRESET"] == "demo":

@@ -52,6 +52,7 @@ LR_DECAY_STEPS = 500         # steps between learning-rate decays (x LR_DECAY)
 CHECKPOINT_SPACE = 200       # steps between checkpoints
 DISPLAY_STEP = 500           # steps between validation batches and image summaries
 TEST_STRIDE = 0              # depth step of the test windows; 0 = half a slab
+TEST_BATCH = 2               # windows per forward pass at test time
 
 _DEMO = "data/generated/demo"       # where the demo (phantom) data are generated
 _DEMO_SEED = 0                      # the demo data are the same whatever SEED (which seeds training)
@@ -89,7 +90,8 @@ def network():
         patch = [int(p) for p in config["PATCH_SIZE"]]
         fn = make_predict_fn(model, [*patch, 1])  # compiled once per modality, reused per volume
         return lambda m, image: predict_volume_3d(fn, m, image, patch, config["N_CLASS"],
-                                                  config["TEST_STRIDE"] or None)
+                                                  config["TEST_STRIDE"] or None,
+                                                  config["TEST_BATCH"], config["TEST_MIRROR"])
 
     def prepare_data(config):
         if config["PRESET"] == "demo":

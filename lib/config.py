@@ -140,7 +140,8 @@ def validate(config: dict) -> None:
     for key, allowed in CHOICES.items():
         if key in config and config[key] not in allowed:
             shown = ["none" if a is None else a for a in allowed]
-            bad(key, f"{', '.join(shown[:-1])} or {shown[-1]}" if key in ("PHASE", "DISTRIBUTE")
+            bad(key, f"{', '.join(shown[:-1])} or {shown[-1]}"
+                if key in ("PHASE", "DISTRIBUTE", "PREDICT_MODALITY")
                 else f"one of {', '.join(shown)}")
     if "SCHEME" in config and config["SCHEME"] not in SCHEMES:
         raise ConfigError(f"SCHEME: unknown scheme {config['SCHEME']!r}; expected one of "

@@ -60,16 +60,37 @@ def make_predict_fn(model, example_shape):
     return for_modality
 
 
+def mirrored(fn, axes, mirror: bool):
+    """``fn`` (x [N, *spatial, C] -> probabilities [N, *spatial, K]) or, with ``mirror``, the
+    mean of its probabilities over every combination of flips along ``axes`` (test-time
+    augmentation: each flipped input's output flipped back)."""
+    if not mirror:
+        return fn
+    import itertools
+
+    combos = [c for n in range(len(axes) + 1) for c in itertools.combinations(axes, n)]
+
+    def averaged(x):
+        total = 0.0
+        for flip in combos:
+            p = fn(tf.reverse(x, flip) if flip else x)
+            total += tf.reverse(p, flip) if flip else p
+        return total / len(combos)
+
+    return averaged
+
+
 def predict_volume_2d(predict_fn, modality: str, image_hwd: np.ndarray, image_size: int,
-                      batch_size: int = 16) -> np.ndarray:
+                      batch_size: int = 16, mirror: bool = False) -> np.ndarray:
     """Label map [H, W, D] (int32) for every slice of a volume.
 
     Slices whose in-plane size is not image_size are resized for the network (bilinear) and
-    the class probabilities are resized back before the argmax.
+    the class probabilities are resized back before the argmax. ``mirror``: averaged over
+    the in-plane flips (``mirrored``).
     """
     h, w, d = image_hwd.shape
     stacks = stack_context(image_hwd.astype(np.float32))
-    fn = predict_fn(modality)
+    fn = mirrored(predict_fn(modality), [1, 2], mirror)
     out = np.empty((h, w, d), np.int32)
     for start in range(0, d, batch_size):
         x = tf.constant(stacks[start:start + batch_size])
@@ -79,7 +100,7 @@ def predict_volume_2d(predict_fn, modality: str, image_hwd: np.ndarray, image_si
         if (h, w) != (image_size, image_size):
             probs = tf.image.resize(probs, [h, w], method="bilinear")
         out[:, :, start:start + batch_size] = np.transpose(
-            np.argmax(probs.numpy(), axis=-1), (1, 2, 0))
+            np.argmax(np.asarray(probs), axis=-1), (1, 2, 0))
     return out
 
 
@@ -99,13 +120,28 @@ def window_starts(size: int, patch: int, stride: int) -> list[int]:
     return starts
 
 
+def gaussian_weights(patch, sigma_scale: float = 1.0 / 8) -> np.ndarray:
+    """[h, w, d] weights of a window's voxels when windows are blended: a Gaussian centred
+    on the window, sigma = ``sigma_scale`` x the window size per axis (nnU-Net's 1/8), the
+    centre 1; voxels near the border count less, as the network sees less around them."""
+    weights = np.ones([], np.float64)
+    for n in patch:
+        x = np.arange(n) - (n - 1) / 2.0
+        weights = np.multiply.outer(weights, np.exp(-x ** 2 / (2.0 * (sigma_scale * n) ** 2)))
+    weights = weights / weights.max()
+    return np.maximum(weights, weights[weights > 0].min()).astype(np.float32)
+
+
 def predict_volume_3d(predict_fn, modality: str, image_hwd: np.ndarray, patch, n_class: int,
-                      stride_d: int | None = None, batch_size: int = 1) -> np.ndarray:
-    """Label map [H, W, D] by sliding patches over the whole volume, softmax averaged.
+                      stride_d: int | None = None, batch_size: int = 1,
+                      mirror: bool = False) -> np.ndarray:
+    """Label map [H, W, D] by sliding patches over the whole volume, the softmax of
+    overlapping windows blended with Gaussian weights (``gaussian_weights``).
 
     Depth windows step by ``stride_d`` (default: half a patch); in-plane windows tile with
     half-patch overlap when the volume is larger than the patch; volumes smaller than the
-    patch are zero-padded (edge-replicated) and cropped back.
+    patch are zero-padded (edge-replicated) and cropped back. ``batch_size`` windows go
+    through the network at once; ``mirror`` averages each over the flips of its three axes.
     """
     ph, pw, pd = patch
     h, w, d = image_hwd.shape
@@ -115,16 +151,17 @@ def predict_volume_3d(predict_fn, modality: str, image_hwd: np.ndarray, patch, n
     stride_d = stride_d or max(1, pd // 2)
     probs = np.zeros((H, W, D, n_class), np.float32)
     counts = np.zeros((H, W, D, 1), np.float32)
+    weight = gaussian_weights(patch)[..., None]
     windows = [(i, j, k) for i in window_starts(H, ph, ph // 2)
                for j in window_starts(W, pw, pw // 2) for k in window_starts(D, pd, stride_d)]
-    fn = predict_fn(modality)
+    fn = mirrored(predict_fn(modality), [1, 2, 3], mirror)
     for b in range(0, len(windows), batch_size):
         chunk = windows[b:b + batch_size]
         x = np.stack([img[i:i + ph, j:j + pw, k:k + pd] for i, j, k in chunk])[..., None]
-        p = fn(tf.constant(x)).numpy()
+        p = np.asarray(fn(tf.constant(x)))
         for (i, j, k), pi in zip(chunk, p):
-            probs[i:i + ph, j:j + pw, k:k + pd] += pi
-            counts[i:i + ph, j:j + pw, k:k + pd] += 1.0
+            probs[i:i + ph, j:j + pw, k:k + pd] += weight * pi
+            counts[i:i + ph, j:j + pw, k:k + pd] += weight
     labels = np.argmax(probs / counts, axis=-1).astype(np.int32)
     return labels[:h, :w, :d]
 

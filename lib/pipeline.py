@@ -46,19 +46,28 @@ class Network:
                                  # original test predicts (PAPER_PROTOCOL); None: all
 
 
+PATH_KEYS = ("TEST_MODEL", "PREDICT_INPUT", "PREDICT_OUTPUT", "PREDICT_DATASET_JSON")
+
+
 def resolve_paths(config: dict, root: str) -> dict:
     """Relative paths in the settings are relative to the repository root."""
+    def absolute(value):
+        return value if os.path.isabs(value) else os.path.normpath(os.path.join(root, value))
+
     out = dict(config)
     for key, value in config.items():
-        if isinstance(value, str) and value and (key.endswith("_LIST") or key.endswith("_PATH")
-                                                 or key == "TEST_MODEL"):
-            out[key] = value if os.path.isabs(value) else os.path.normpath(
-                os.path.join(root, value))
+        if not (key.endswith("_LIST") or key.endswith("_PATH") or key in PATH_KEYS):
+            continue
+        if isinstance(value, str) and value:
+            out[key] = absolute(value)
+        elif isinstance(value, list):
+            out[key] = [absolute(v) for v in value]
     return out
 
 
-def _restore_for_test(model, config: dict, prefix: str | None, output_path: str, logger):
-    """Restore the model weights of a checkpoint prefix (default: the run's latest)."""
+def checkpoint_to_test(config: dict, prefix: str | None, output_path: str) -> str:
+    """The checkpoint prefix to test or predict with (default: the run's latest), checked
+    before any model is built: it exists and was saved with this network."""
     if not prefix:
         prefix = latest_checkpoint(os.path.join(output_path, "checkpoints"))
         if not prefix:
@@ -73,6 +82,12 @@ def _restore_for_test(model, config: dict, prefix: str | None, output_path: str,
         if diffs:
             raise ConfigError(f"TEST_MODEL: {prefix} was saved with another network: "
                               + "; ".join(diffs))
+    return prefix
+
+
+def _restore_for_test(model, config: dict, prefix: str | None, output_path: str, logger):
+    """Restore the model weights of a checkpoint prefix (default: the run's latest)."""
+    prefix = checkpoint_to_test(config, prefix, output_path)
     status = tf.train.Checkpoint(model=model_variables(model)).restore(prefix).expect_partial()
     try:
         status.assert_existing_objects_matched()
@@ -105,6 +120,10 @@ def _run(config: dict, network: Network, lock: RunLock) -> dict | None:
         get_logger(None).warning("warning: the paper preset is about to train on the CPU (no "
                                  "GPU visible to TensorFlow): expect days; see README, "
                                  "Training on GPUs")
+    if phase == "test":  # a wrong checkpoint is reported before data or a model are made
+        checkpoint_to_test(config, config["TEST_MODEL"] or None, output_path)
+    if phase == "predict":
+        return _predict(config, network, strategy)
     if network.prepare_data is not None:
         network.prepare_data(config)
     lists = {m: {k: config[key] for k, key in zip(("train", "val", "test"), keys)}
@@ -181,3 +200,40 @@ def _run(config: dict, network: Network, lock: RunLock) -> dict | None:
                     log_path=os.path.join(output_path, LOG_FILE), flip=config["TEST_FLIP"],
                     out_of_range=config["OUT_OF_RANGE_LABELS"],
                     paper_protocol=config["PAPER_PROTOCOL"], coverage=coverage)
+
+
+def _predict(config: dict, network: Network, strategy) -> list[dict]:
+    """PHASE "predict" (lib/predict.py): every check that needs no work first (inputs,
+    outputs, checkpoint, preparation), then the model, then the scans."""
+    from lib import predict
+
+    if not config["PREDICT_INPUT"]:
+        raise ConfigError("PREDICT_INPUT: no scans given; set --predict_input=SCAN[,SCAN...] "
+                          "(NIfTI files, DICOM series folders or folders of either)")
+    output_path, modality = config["OUTPUT_PATH"], config["PREDICT_MODALITY"]
+    scans = predict.find_scans(config["PREDICT_INPUT"])
+    out_dir = config["PREDICT_OUTPUT"] or os.path.join(output_path, "predictions")
+    predict.check_outputs(scans, config["PREDICT_INPUT"], out_dir, config["PREDICT_OVERWRITE"])
+    prefix = checkpoint_to_test(config, config["TEST_MODEL"] or None, output_path)
+    dataset_json = config["PREDICT_DATASET_JSON"]
+    if not dataset_json:
+        train_list = config[MODALITY_LISTS[modality][0]]
+        dataset_json = os.path.join(os.path.dirname(train_list), "dataset.json")
+        if not os.path.isfile(dataset_json):
+            raise ConfigError(f"PREDICT_DATASET_JSON: how this run's {modality} training data "
+                              f"were prepared is unknown (no dataset.json beside {train_list}); "
+                              "give --predict_dataset_json=PATH of a data/prepare.py run with "
+                              "the same settings")
+    preparation = predict.recorded_preparation(dataset_json)
+    logger = get_logger(None)
+    logger.info(f"{network.name}: segmenting {len(scans)} {modality} scan(s) with {prefix}; "
+                f"preparation of {dataset_json} (slice axis {preparation['slice_axis']}, "
+                f"{preparation['image_size']} px, centre crop "
+                + (f"{preparation['crop_size_mm']:.0f} mm" if preparation["crop_size_mm"]
+                   else "none (the whole plane)") + f") -> {out_dir}")
+    with strategy.scope():
+        model = network.build_model(config)
+    _restore_for_test(model, config, prefix, output_path, logger)
+    return predict.predict_scans(network.predictor(model, config), modality, scans, out_dir,
+                                 preparation, config["CLASS_NAMES"], log=logger.info,
+                                 progress=config["PROGRESS"])

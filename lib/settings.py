@@ -15,11 +15,19 @@ TEST_MODEL = ""              # checkpoint prefix to test; empty = latest of OUTP
 RESUME = False               # continue a run in OUTPUT_PATH even if its settings differ
 START_OVER = False           # move a different run in OUTPUT_PATH aside and start again
 
+# --- segmenting new scans (PHASE "predict"; README, "Segmenting new scans")
+PREDICT_INPUT = []           # scans to segment: NIfTI/MHA/NRRD files, DICOM series folders, or folders of either
+PREDICT_OUTPUT = ""          # folder for <scan>_seg.nii.gz and volumes.csv; empty = OUTPUT_PATH/predictions
+PREDICT_MODALITY = "ct"      # "ct" or "mr": the modality of the scans (its BN branch segments them)
+PREDICT_DATASET_JSON = ""    # dataset.json of the preparation to apply; empty = beside the modality's training list
+PREDICT_OVERWRITE = False    # replace outputs that exist already
+
 # --- task
 N_CLASS = 5                  # classes including background
 CLASS_NAMES = ["lv_myo", "la_blood", "lv_blood", "aa"]  # names of classes 1..N_CLASS-1
 OUT_OF_RANGE_LABELS = "error"  # labels outside 0..N_CLASS-1: "error" (stop, naming the file) or "ignore" (no class, as the original)
 TEST_FLIP = "npz"            # flip test volumes on axes 0, 1: "npz", "released" (.npz + NIfTI not from data/prepare.py) or "none"
+TEST_MIRROR = False          # test/predict: average the softmax over mirrored inputs (test-time augmentation)
 PAPER_PROTOCOL = False       # also score the test as the published scripts did (README, "Evaluation")
 SCHEME = "ummkd"             # sharing scheme: ummkd, separate_bn, joint, individual, y_shape, x_shape
 
@@ -55,7 +63,8 @@ TYPES = {"TENSORBOARD_PORT": int, "DISTRIBUTE": str}
 # The allowed values of every setting that takes one of a few; the modules that act on
 # them import these tuples, so each list is written once.
 CHOICES = {
-    "PHASE": ("train", "test", "train_test"),
+    "PHASE": ("train", "test", "train_test", "predict"),
+    "PREDICT_MODALITY": ("ct", "mr"),
     "PRECISION": ("auto", "fp32", "bf16", "fp16"),
     "KD_CLASSES": ("all", "present"),
     "OUT_OF_RANGE_LABELS": ("error", "ignore"),
