@@ -125,22 +125,11 @@ def recorded_preparation(dataset_json: str) -> dict:
 
 def read_scan(path: str) -> prep.Case:
     """An image (file or DICOM series) as a Case without a label (an all-background one)."""
-    image, affine, header = prep.read_volume(path)
+    image, affine, header = prep.read_image(path)
     if min(image.shape) < 2:
         raise DataError(f"{path}: a 2D image (shape {tuple(image.shape)}); a scan has several "
                         "slices in each direction")
-    if image.dtype.kind not in "biuf":
-        raise DataError(f"{path}: unsupported voxel type {image.dtype}")
-    image = image.astype(np.float32, copy=False)
-    if not np.all(np.isfinite(image)):
-        raise DataError(f"{path}: the image holds NaN or Inf voxels")
-    orientation = prep.orientation_codes(affine)
-    original = {"shape": [int(s) for s in image.shape], "affine": affine.tolist(),
-                "orientation": orientation,
-                "spacing": prep.affine_spacing(affine).tolist(), **header}
-    canonical = np.ascontiguousarray(prep.to_canonical(image, orientation))
-    return prep.Case(path, "", canonical, np.zeros(canonical.shape, np.uint8),
-                     prep.canonical_affine(affine, image.shape), original)
+    return prep.make_case(path, "", image, affine, header, np.zeros(image.shape, np.uint8))
 
 
 def prepare_scan(path: str, preparation: dict):

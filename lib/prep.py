@@ -240,16 +240,10 @@ def read_case(image_path: str, label_path: str, tol: float = 1e-3) -> Case:
     integer ids. Returns a ``Case`` with RAS arrays [X, Y, Z]. Raises DataError with a
     one-line message naming the file.
     """
-    image, img_affine, header = read_volume(image_path)
+    image, img_affine, header = read_image(image_path)
     label, lab_affine, _ = read_volume(label_path)
     label, notes = label_onto_image(label, lab_affine, label_path, image.shape, img_affine,
                                     image_path, tol)
-    if image.dtype.kind not in "biuf":
-        raise DataError(f"{image_path}: unsupported voxel type {image.dtype}")
-    image = image.astype(np.float32, copy=False)
-    bad = int(np.count_nonzero(~np.isfinite(image)))
-    if bad:
-        raise DataError(f"{image_path}: image holds {bad} NaN/Inf voxel(s)")
     if label.dtype.kind == "f":
         if not np.all(np.isfinite(label)):
             raise DataError(f"{label_path}: label holds NaN/Inf voxels")
@@ -259,19 +253,35 @@ def read_case(image_path: str, label_path: str, tol: float = 1e-3) -> Case:
         label = rounded
     elif label.dtype.kind not in "biu":
         raise DataError(f"{label_path}: unsupported label voxel type {label.dtype}")
-    label = label.astype(np.int64, copy=False)
-    orientation = orientation_codes(img_affine)
-    original = {
-        "shape": [int(s) for s in image.shape],
-        "affine": img_affine.tolist(),
-        "orientation": orientation,
-        "spacing": affine_spacing(img_affine).tolist(),
-        **header,
-    }
+    return make_case(image_path, label_path, image, img_affine, header,
+                     label.astype(np.int64, copy=False), notes)
+
+
+def read_image(path: str):
+    """An image file or DICOM series: (array [X, Y, Z] float32 as stored, affine, header);
+    DataError naming the file for a voxel type that is no number, or NaN/Inf voxels."""
+    image, affine, header = read_volume(path)
+    if image.dtype.kind not in "biuf":
+        raise DataError(f"{path}: unsupported voxel type {image.dtype}")
+    image = image.astype(np.float32, copy=False)
+    bad = int(np.count_nonzero(~np.isfinite(image)))
+    if bad:
+        raise DataError(f"{path}: image holds {bad} NaN/Inf voxel(s)")
+    return image, affine, header
+
+
+def make_case(image_path: str, label_path: str, image, affine, header, label,
+              notes=()) -> Case:
+    """A Case of arrays as stored [X, Y, Z] (label on the image's grid): both reoriented to
+    RAS, with what is needed to put results back in the original geometry."""
+    orientation = orientation_codes(affine)
+    original = {"shape": [int(s) for s in image.shape], "affine": affine.tolist(),
+                "orientation": orientation, "spacing": affine_spacing(affine).tolist(),
+                **header}
     return Case(image_path, label_path,
                 np.ascontiguousarray(to_canonical(image, orientation)),
                 np.ascontiguousarray(to_canonical(label, orientation)),
-                canonical_affine(img_affine, image.shape), original, tuple(notes))
+                canonical_affine(affine, image.shape), original, tuple(notes))
 
 
 def label_onto_image(label, label_affine, label_path: str, image_shape, image_affine,

@@ -150,8 +150,7 @@ class Trainer:
         """
         with tf.GradientTape() as tape:
             total, terms, _ = self._forward(images, labels, training=True)
-            scaled = (self.optimizer.scale_loss(total)
-                      if hasattr(self.optimizer, "scale_loss") else total)
+            scaled = self.optimizer.scale_loss(total) if self.loss_scaled else total
         grads = tape.gradient(scaled, self.model.trainable_variables)
         # The BN rows are gathered, so their gradients come as IndexedSlices; dense they
         # are tiny ([modalities, C]) and all-reduce as one tensor instead of an all-gather.
