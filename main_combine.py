@@ -7,6 +7,7 @@ Edit the settings below, or override any of them on the command line as --name=v
     python main_combine.py --preset=paper                    # the paper's 2D setting (GPU)
     python main_combine.py --phase=test --test_model=output/2d_demo/checkpoints/model-1000
     python main_combine.py --phase=predict --predict_modality=ct --predict_input=scans/
+    python main_combine.py --phase=export                    # SavedModel, signatures ct and mr
 
 The chosen PRESET fills in the settings it lists (see PRESETS below) over the values
 written here; command-line overrides come last. PRESET "custom" uses the values as written.
@@ -22,7 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep errors to one readabl
 
 # --- what to run
 PRESET = "demo"              # "demo" | "paper" | "abdomen" | "custom" (values below as written)
-PHASE = "train_test"         # "train", "test" or "train_test"
+PHASE = "train_test"         # "train", "test", "train_test", "predict" (new scans) or "export" (SavedModel)
 OUTPUT_PATH = "output/2d_paper"  # checkpoints, logs, config.json and results/ go here
 
 # --- data (list files: one TFRecord per line for training, image,label or .npz for test)
@@ -98,8 +99,9 @@ def network():
 
     def predictor(model, config):
         fn = make_predict_fn(model, [config["IMAGE_SIZE"]] * 2 + [3])
-        return lambda m, image: predict_volume_2d(fn, m, image, config["IMAGE_SIZE"],
-                                                  config["TEST_BATCH"], config["TEST_MIRROR"])
+        return lambda m, image, probabilities=False: predict_volume_2d(
+            fn, m, image, config["IMAGE_SIZE"], config["TEST_BATCH"], config["TEST_MIRROR"],
+            probabilities)
 
     def prepare_data(config):
         if config["PRESET"] == "demo":

@@ -26,7 +26,7 @@ sys.path[:0] = [p for p in (os.path.dirname(os.path.dirname(os.path.abspath(__fi
 
 # --- what to run
 PRESET = "demo"              # "demo" | "paper" | "custom" (values below as written)
-PHASE = "train"              # "train", "test" or "train_test" (test.py sets "test")
+PHASE = "train"              # "train", "test", "train_test", "predict" or "export" (test.py sets "test")
 OUTPUT_PATH = "output/3d_paper"  # checkpoints, logs, config.json and results/ go here
 
 # --- data (list files of "image,label" NIfTI pairs, slices last; test lists may hold .npz)
@@ -89,9 +89,9 @@ def network():
     def predictor(model, config):
         patch = [int(p) for p in config["PATCH_SIZE"]]
         fn = make_predict_fn(model, [*patch, 1])  # compiled once per modality, reused per volume
-        return lambda m, image: predict_volume_3d(fn, m, image, patch, config["N_CLASS"],
-                                                  config["TEST_STRIDE"] or None,
-                                                  config["TEST_BATCH"], config["TEST_MIRROR"])
+        return lambda m, image, probabilities=False: predict_volume_3d(
+            fn, m, image, patch, config["N_CLASS"], config["TEST_STRIDE"] or None,
+            config["TEST_BATCH"], config["TEST_MIRROR"], probabilities)
 
     def prepare_data(config):
         if config["PRESET"] == "demo":

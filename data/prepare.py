@@ -293,7 +293,7 @@ def prepare(cases, label_map, out_dir, *, modality, split, image_size=prep.IMAGE
             slice_axis="axial", crop="label", margin=10.0, min_crop_size=0.0, crop_size=None,
             clip_lower=0.0, clip_upper=98.0, augment_copies=0, label_layout="released",
             train_slices="labelled", train_volumes=False, overwrite=False, seed=0,
-            log=print) -> dict:
+            label_resample="none", log=print) -> dict:
     """Prepare one modality's cases into ``out_dir`` and return the dataset.json content.
 
     cases: [(image_path, label_path, case_name or None)]; label_map: {dataset id: class} or
@@ -301,7 +301,9 @@ def prepare(cases, label_map, out_dir, *, modality, split, image_size=prep.IMAGE
     mm; the labelled slice range for training is widened by ``margin`` mm too.
     train_slices: "labelled" (train/val slices only in the labelled range +- margin) or
     "all". train_volumes: also write whole training volumes (the 3D network trains on slabs
-    of them). Raises DataError for bad input before anything is written.
+    of them). label_resample: "none" (a label on another grid than its image is an error,
+    unless it is the same voxels in another axis order or direction) or "nearest" (resample
+    it onto the image grid). Raises DataError for bad input before anything is written.
     """
     if isinstance(label_map, str):
         label_map = prep.parse_label_map(label_map)
@@ -321,7 +323,7 @@ def prepare(cases, label_map, out_dir, *, modality, split, image_size=prep.IMAGE
 
     # validation pass: read everything once so that bad input is found before any write
     for image_path, label_path, _ in cases:
-        case = prep.read_case(image_path, label_path)
+        case = prep.read_case(image_path, label_path, label_resample=label_resample)
         for note in case.notes:
             log(note)
         mapped, _ = prep.map_labels(case.label, label_map)
@@ -339,7 +341,7 @@ def prepare(cases, label_map, out_dir, *, modality, split, image_size=prep.IMAGE
                 "clip_upper_percentile": float(clip_upper), "normalisation": "zscore",
                 "augment_copies": int(augment_copies), "label_layout": label_layout,
                 "train_slices": train_slices, "train_volumes": bool(train_volumes),
-                "seed": int(seed),
+                "seed": int(seed), "label_resample": label_resample,
                 "orientation": prep.CANONICAL,
                 "view": "radiological: patient right on image left; anterior (axial) or "
                         "superior (coronal, sagittal) up"}
@@ -392,7 +394,7 @@ def _write_all(root, cases, assignment, label_map, settings, log) -> dict:
         augment = prep.make_augment(seed=settings["seed"])
     for index, (image_path, label_path, name) in enumerate(cases):
         part = assignment[name]
-        case = prep.read_case(image_path, label_path)
+        case = prep.read_case(image_path, label_path, label_resample=settings["label_resample"])
         image, label, record = prep.prepare_volume(
             case, label_map, image_size=settings["image_size"],
             slice_axis=settings["slice_axis"], crop=settings["crop"],
@@ -499,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train_volumes", action="store_true",
                    help="also write the training volumes as NIfTI (for the 3D network)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label_resample", default="none", choices=prep.LABEL_RESAMPLING,
+                   help="a label on another voxel grid than its image: refuse (none) or "
+                        "resample it onto the image grid by nearest neighbour")
     p.add_argument("--out_dir", required=True)
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing prepared folder (only once the new one is done)")
@@ -553,7 +558,7 @@ def main(argv=None) -> int:
                 clip_lower=args.clip_lower, clip_upper=args.clip_upper,
                 augment_copies=args.augment_copies, label_layout=args.label_layout,
                 train_slices=args.train_slices, train_volumes=args.train_volumes,
-                overwrite=args.overwrite, seed=args.seed)
+                overwrite=args.overwrite, seed=args.seed, label_resample=args.label_resample)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

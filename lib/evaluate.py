@@ -81,8 +81,10 @@ def mirrored(fn, axes, mirror: bool):
 
 
 def predict_volume_2d(predict_fn, modality: str, image_hwd: np.ndarray, image_size: int,
-                      batch_size: int = 16, mirror: bool = False) -> np.ndarray:
-    """Label map [H, W, D] (int32) for every slice of a volume.
+                      batch_size: int = 16, mirror: bool = False,
+                      probabilities: bool = False) -> np.ndarray:
+    """Label map [H, W, D] (int32) for every slice of a volume, or with ``probabilities``
+    the class probabilities [H, W, D, C] (float32).
 
     Slices whose in-plane size is not image_size are resized for the network (bilinear) and
     the class probabilities are resized back before the argmax. ``mirror``: averaged over
@@ -91,7 +93,7 @@ def predict_volume_2d(predict_fn, modality: str, image_hwd: np.ndarray, image_si
     h, w, d = image_hwd.shape
     stacks = stack_context(image_hwd.astype(np.float32))
     fn = mirrored(predict_fn(modality), [1, 2], mirror)
-    out = np.empty((h, w, d), np.int32)
+    out = None
     for start in range(0, d, batch_size):
         x = tf.constant(stacks[start:start + batch_size])
         if (h, w) != (image_size, image_size):
@@ -99,8 +101,11 @@ def predict_volume_2d(predict_fn, modality: str, image_hwd: np.ndarray, image_si
         probs = fn(x)
         if (h, w) != (image_size, image_size):
             probs = tf.image.resize(probs, [h, w], method="bilinear")
-        out[:, :, start:start + batch_size] = np.transpose(
-            np.argmax(np.asarray(probs), axis=-1), (1, 2, 0))
+        probs = np.transpose(np.asarray(probs), (1, 2, 0, 3))  # [H, W, batch, C]
+        if out is None:
+            out = np.empty((h, w, d) + (probs.shape[3:] if probabilities else ()),
+                           np.float32 if probabilities else np.int32)
+        out[:, :, start:start + batch_size] = probs if probabilities else np.argmax(probs, -1)
     return out
 
 
@@ -134,9 +139,10 @@ def gaussian_weights(patch, sigma_scale: float = 1.0 / 8) -> np.ndarray:
 
 def predict_volume_3d(predict_fn, modality: str, image_hwd: np.ndarray, patch, n_class: int,
                       stride_d: int | None = None, batch_size: int = 1,
-                      mirror: bool = False) -> np.ndarray:
-    """Label map [H, W, D] by sliding patches over the whole volume, the softmax of
-    overlapping windows blended with Gaussian weights (``gaussian_weights``).
+                      mirror: bool = False, probabilities: bool = False) -> np.ndarray:
+    """Label map [H, W, D] (int32) by sliding patches over the whole volume, the softmax of
+    overlapping windows blended with Gaussian weights (``gaussian_weights``); with
+    ``probabilities``, the blended class probabilities [H, W, D, C] (float32).
 
     Depth windows step by ``stride_d`` (default: half a patch); in-plane windows tile with
     half-patch overlap when the volume is larger than the patch; volumes smaller than the
@@ -162,8 +168,8 @@ def predict_volume_3d(predict_fn, modality: str, image_hwd: np.ndarray, patch, n
         for (i, j, k), pi in zip(chunk, p):
             probs[i:i + ph, j:j + pw, k:k + pd] += weight * pi
             counts[i:i + ph, j:j + pw, k:k + pd] += weight
-    labels = np.argmax(probs / counts, axis=-1).astype(np.int32)
-    return labels[:h, :w, :d]
+    probs = (probs / counts)[:h, :w, :d]
+    return probs if probabilities else np.argmax(probs, axis=-1).astype(np.int32)
 
 
 # ---------------------------------------------------------------------- evaluation
@@ -261,10 +267,37 @@ def _save_labels(path: str, labels: np.ndarray, record: dict | None, affine) -> 
         nib.save(img, tmp)
 
 
+def score_in_scan_geometry(predict, modality: str, record: dict, preparation: dict,
+                           classes: dict, pred_path: str) -> dict | None:
+    """Metrics of one test case in its original scan's geometry, or None when the scan or
+    its full-resolution ground truth (data/prepare.py's ``<case>_gt.nii.gz``) is missing.
+
+    The original scan is segmented as PHASE "predict" would segment it (lib.predict:
+    prepared by ``preparation``, the training data's, with the label-free crop, and put
+    back at the scan's resolution), written to ``pred_path``, and scored against the
+    original label map over the whole scan at the original voxel size: false positives far
+    from the organs count, unlike on the test file's label-cropped grid."""
+    import nibabel as nib
+
+    from lib.predict import segment_scan
+
+    gt_path = os.path.join(record["_folder"], record.get("files", {}).get("gt", ""))
+    if not (os.path.isfile(record.get("image", "")) or os.path.isdir(record.get("image", ""))) \
+            or not os.path.isfile(gt_path):
+        return None
+    labels, _ = segment_scan(predict, modality, record["image"], preparation)
+    with atomic_path(pred_path) as tmp:
+        nib.save(labels, tmp)
+    gt = nib.load(gt_path)
+    return metrics.evaluate_case(np.asarray(labels.dataobj), np.asarray(gt.dataobj),
+                                 tuple(float(z) for z in gt.header.get_zooms()[:3]), classes)
+
+
 def evaluate(predict, test_lists: dict, class_names: list[str], output_path: str,
              checkpoint: str, log=print, log_path: str | None = None, *, flip: str = "npz",
              out_of_range: str = "error", paper_protocol: bool = False,
-             coverage=None) -> dict:
+             coverage=None, preparations: dict | None = None,
+             progress: bool = False) -> dict:
     """Predict every test volume of every modality, score it and write the results.
 
     predict(modality, image [H, W, D]) -> labels [H, W, D]; test_lists maps modality ->
@@ -275,8 +308,14 @@ def evaluate(predict, test_lists: dict, class_names: list[str], output_path: str
     "paper" protocol), on the same predictions with the slices outside ``coverage(depth)``
     ([D] bool; None: every slice) set to background; written beside ours as
     ``paper_protocol`` in metrics.json and metrics_paper_protocol.csv.
-    Returns the metrics.json dict.
+    ``preparations`` ({modality: lib.predict.recorded_preparation}): also score each test
+    case whose original scan is recorded in its dataset.json in that scan's own geometry
+    (``score_in_scan_geometry``), written as ``scan_geometry`` in metrics.json and
+    metrics_scan_geometry.csv, the masks as predictions/<case>_scan.nii.gz.
+    ``progress``: a progress bar over the test volumes. Returns the metrics.json dict.
     """
+    from tqdm import tqdm
+
     results_dir = os.path.join(output_path, "results")
     pred_dir = os.path.join(results_dir, "predictions")
     fig_dir = os.path.join(results_dir, "figures")
@@ -285,9 +324,10 @@ def evaluate(predict, test_lists: dict, class_names: list[str], output_path: str
     classes = {c: name for c, name in enumerate(class_names, start=1)}
     n_class = len(class_names) + 1
     report = {"checkpoint": checkpoint, "classes": list(class_names)}
-    paper = {}
+    paper, scan = {}, {}
     for modality, list_path in test_lists.items():
-        cases, paper_cases, shown, unit = [], [], False, "mm"
+        cases, paper_cases, scan_cases, shown, unit = [], [], [], False, "mm"
+        preparation = (preparations or {}).get(modality)
         volumes = load_test_volumes(list_path, flip=flip)
         count_test_labels([v for v, _ in volumes], n_class).apply(
             out_of_range, f"{modality} test volumes", log)
@@ -295,7 +335,8 @@ def evaluate(predict, test_lists: dict, class_names: list[str], output_path: str
         if flipped:
             log(f"  {modality}: {flipped} of {len(volumes)} test volumes flipped on axes 0 "
                 f"and 1 to the training slices' layout (TEST_FLIP={flip})")
-        for volume, record in volumes:
+        for volume, record in tqdm(volumes, desc=f"test {modality}", disable=not progress,
+                                   dynamic_ncols=True):
             if "note" in volume.meta:  # a label re-indexed onto its image's grid
                 log(f"  {modality}: {volume.meta['note']}")
             if volume.spacing is None and unit == "mm":
@@ -332,14 +373,29 @@ def evaluate(predict, test_lists: dict, class_names: list[str], output_path: str
                                    volume.image, gt, pred, n_class, class_names,
                                    title=f"{modality.upper()} {volume.name}")
                 shown = True
+            scored = None
+            if preparation is not None and record is not None:
+                scored = score_in_scan_geometry(predict, modality, record, preparation,
+                                                classes, stem + "_scan.nii.gz")
+                if scored is not None:
+                    scan_cases.append({"case": volume.name, **scored})
             log(f"  {modality} {volume.name}: Dice " + ", ".join(
                 f"{k} {v:.3f}" for k, v in case["dice"].items())
+                + ("" if scored is None else "; in the scan's geometry " + ", ".join(
+                    f"{k} {v:.3f}" for k, v in scored["dice"].items()))
                 + f" ({time.time() - t0:.1f} s)")
         report[modality] = {**metrics.summarize(cases, classes), "distance_unit": unit,
                             "cases": cases}
         if paper_protocol:
             paper[modality] = {**metrics.summarize(paper_cases, classes),
                                "distance_unit": "voxel", "cases": paper_cases}
+        if scan_cases:
+            scan[modality] = {**metrics.summarize(scan_cases, classes), "distance_unit": "mm",
+                              "cases": scan_cases}
+        elif preparation is not None:
+            log(f"  {modality}: no test case has its original scan and full-resolution "
+                "labels recorded (data/prepare.py's dataset.json): not scored in the scan's "
+                "geometry")
     modality_results = {m: report[m] for m in test_lists}
     metrics.write_metrics_csv(os.path.join(results_dir, "metrics.csv"), modality_results)
     figures.dice_boxplot(os.path.join(fig_dir, "dice_boxplot.png"), modality_results,
@@ -350,11 +406,18 @@ def evaluate(predict, test_lists: dict, class_names: list[str], output_path: str
         report["paper_protocol"] = paper
         metrics.write_metrics_csv(os.path.join(results_dir, "metrics_paper_protocol.csv"),
                                   paper)
+    if scan:
+        report["scan_geometry"] = scan
+        metrics.write_metrics_csv(os.path.join(results_dir, "metrics_scan_geometry.csv"),
+                                  scan)
     write_json(os.path.join(results_dir, "metrics.json"), metrics.to_jsonable(report),
                allow_nan=False)
     log(metrics.format_table(modality_results, classes))
     if paper_protocol:
         log("the published scripts' protocol (README, \"Evaluation\"), same predictions:")
         log(metrics.format_table(paper, classes))
+    if scan:
+        log("in each scan's own geometry (the whole scan, label-free crop, original spacing):")
+        log(metrics.format_table(scan, classes))
     log(f"results written to {results_dir}")
     return report

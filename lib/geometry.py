@@ -5,7 +5,8 @@ DICOM-to-NIfTI converters and viewers store the same grid with axes permuted or 
 LAS label beside an LPS series, say); the affines then differ while every label voxel sits
 exactly on an image voxel. Resampling such a label would be an exact permutation and flip, so
 it is done as one (numpy views, no interpolation). Grids that differ otherwise (spacing,
-extent, a shift by part of a voxel) have no alignment here. numpy only; no TensorFlow.
+extent, a shift by part of a voxel) have no alignment; a label on such a grid is resampled
+only when the user asks (``resample_nearest``). numpy only; no TensorFlow.
 """
 from __future__ import annotations
 
@@ -62,3 +63,25 @@ def describe(alignment: Alignment) -> str:
     axes, flips = alignment
     flipped = f", flipped along {', '.join(str(f) for f in flips)}" if flips else ""
     return f"axes {tuple(axes)}{flipped}"
+
+
+def resample_nearest(moving: np.ndarray, moving_affine, fixed_affine, fixed_shape,
+                     fill=0) -> np.ndarray:
+    """The moving array [X', Y', Z'] on the fixed grid [X, Y, Z] by nearest neighbour: each
+    fixed voxel takes the value of the moving voxel whose centre is nearest to its centre in
+    world coordinates (ties round half to even), ``fill`` where that falls outside the moving
+    array. Affines are 4x4 voxel-to-world. One fixed slice at a time, to bound the memory."""
+    to_moving = np.linalg.inv(np.asarray(moving_affine, np.float64)) @ np.asarray(
+        fixed_affine, np.float64)  # fixed voxel index -> moving voxel index
+    nx, ny, nz = (int(s) for s in fixed_shape[:3])
+    out = np.full((nx, ny, nz), fill, dtype=moving.dtype)
+    ij = np.stack(np.meshgrid(np.arange(nx), np.arange(ny), indexing="ij"), -1).reshape(-1, 2)
+    limits = np.asarray(moving.shape[:3])
+    for k in range(nz):
+        index = np.c_[ij, np.full(len(ij), k)] @ to_moving[:3, :3].T + to_moving[:3, 3]
+        index = np.rint(index).astype(np.int64)
+        inside = np.all((index >= 0) & (index < limits), axis=1)
+        values = np.full(len(ij), fill, dtype=moving.dtype)
+        values[inside] = moving[tuple(index[inside].T)]
+        out[:, :, k] = values.reshape(nx, ny)
+    return out

@@ -40,13 +40,15 @@ class Network:
     build_model: Callable        # config -> built Keras model
     train_datasets: Callable     # (config, {m: train list}, {m: val list}, start step)
                                  # -> (train, val) datasets, resumable at the start step
-    predictor: Callable          # (model, config) -> predict(modality, image_hwd) -> labels
+    predictor: Callable          # (model, config) -> predict(modality, image_hwd,
+                                 # probabilities=False) -> labels [H, W, D] (or [H, W, D, C])
     prepare_data: Callable | None = None  # config -> None: create demo data if needed
     paper_coverage: Callable | None = None  # (config, depth) -> [D] bool: the slices the
                                  # original test predicts (PAPER_PROTOCOL); None: all
 
 
-PATH_KEYS = ("TEST_MODEL", "PREDICT_INPUT", "PREDICT_OUTPUT", "PREDICT_DATASET_JSON")
+PATH_KEYS = ("TEST_MODEL", "PREDICT_INPUT", "PREDICT_OUTPUT", "PREDICT_DATASET_JSON",
+             "EXPORT_PATH")
 
 
 def resolve_paths(config: dict, root: str) -> dict:
@@ -83,6 +85,16 @@ def checkpoint_to_test(config: dict, prefix: str | None, output_path: str) -> st
             raise ConfigError(f"TEST_MODEL: {prefix} was saved with another network: "
                               + "; ".join(diffs))
     return prefix
+
+
+def training_dataset_json(config: dict, modality: str) -> str | None:
+    """The dataset.json that says how the run's ``modality`` training data were prepared:
+    PREDICT_DATASET_JSON, else the one data/prepare.py wrote beside the training list; None
+    when there is none (data prepared elsewhere, such as the released TFRecords)."""
+    if config["PREDICT_DATASET_JSON"]:
+        return config["PREDICT_DATASET_JSON"]
+    path = os.path.join(os.path.dirname(config[MODALITY_LISTS[modality][0]]), "dataset.json")
+    return path if os.path.isfile(path) else None
 
 
 def _restore_for_test(model, config: dict, prefix: str | None, output_path: str, logger):
@@ -124,6 +136,8 @@ def _run(config: dict, network: Network, lock: RunLock) -> dict | None:
         checkpoint_to_test(config, config["TEST_MODEL"] or None, output_path)
     if phase == "predict":
         return _predict(config, network, strategy)
+    if phase == "export":
+        return _export(config, network, strategy)
     if network.prepare_data is not None:
         network.prepare_data(config)
     lists = {m: {k: config[key] for k, key in zip(("train", "val", "test"), keys)}
@@ -192,6 +206,9 @@ def _run(config: dict, network: Network, lock: RunLock) -> dict | None:
     from lib.evaluate import evaluate
 
     predict = network.predictor(model, config)
+    from lib.predict import recorded_preparation
+    preparations = {m: recorded_preparation(training_dataset_json(config, m))
+                    for m in lists if training_dataset_json(config, m)}
     coverage = None
     if network.paper_coverage is not None:
         coverage = lambda depth: network.paper_coverage(config, depth)
@@ -199,7 +216,8 @@ def _run(config: dict, network: Network, lock: RunLock) -> dict | None:
                     output_path, checkpoint, log=logger.info,
                     log_path=os.path.join(output_path, LOG_FILE), flip=config["TEST_FLIP"],
                     out_of_range=config["OUT_OF_RANGE_LABELS"],
-                    paper_protocol=config["PAPER_PROTOCOL"], coverage=coverage)
+                    paper_protocol=config["PAPER_PROTOCOL"], coverage=coverage,
+                    preparations=preparations, progress=config["PROGRESS"])
 
 
 def _predict(config: dict, network: Network, strategy) -> list[dict]:
@@ -215,15 +233,13 @@ def _predict(config: dict, network: Network, strategy) -> list[dict]:
     out_dir = config["PREDICT_OUTPUT"] or os.path.join(output_path, "predictions")
     predict.check_outputs(scans, config["PREDICT_INPUT"], out_dir, config["PREDICT_OVERWRITE"])
     prefix = checkpoint_to_test(config, config["TEST_MODEL"] or None, output_path)
-    dataset_json = config["PREDICT_DATASET_JSON"]
+    dataset_json = training_dataset_json(config, modality)
     if not dataset_json:
-        train_list = config[MODALITY_LISTS[modality][0]]
-        dataset_json = os.path.join(os.path.dirname(train_list), "dataset.json")
-        if not os.path.isfile(dataset_json):
-            raise ConfigError(f"PREDICT_DATASET_JSON: how this run's {modality} training data "
-                              f"were prepared is unknown (no dataset.json beside {train_list}); "
-                              "give --predict_dataset_json=PATH of a data/prepare.py run with "
-                              "the same settings")
+        raise ConfigError(f"PREDICT_DATASET_JSON: how this run's {modality} training data were "
+                          "prepared is unknown (no dataset.json beside "
+                          f"{config[MODALITY_LISTS[modality][0]]}); give "
+                          "--predict_dataset_json=PATH of a data/prepare.py run with the same "
+                          "settings")
     preparation = predict.recorded_preparation(dataset_json)
     logger = get_logger(None)
     logger.info(f"{network.name}: segmenting {len(scans)} {modality} scan(s) with {prefix}; "
@@ -236,4 +252,25 @@ def _predict(config: dict, network: Network, strategy) -> list[dict]:
     _restore_for_test(model, config, prefix, output_path, logger)
     return predict.predict_scans(network.predictor(model, config), modality, scans, out_dir,
                                  preparation, config["CLASS_NAMES"], log=logger.info,
-                                 progress=config["PROGRESS"])
+                                 progress=config["PROGRESS"],
+                                 probabilities=config["PREDICT_PROBABILITIES"])
+
+
+def _export(config: dict, network: Network, strategy) -> str:
+    """PHASE "export" (lib/export.py): the checkpoint as a SavedModel with one signature per
+    modality, at EXPORT_PATH (default OUTPUT_PATH/saved_model), with how each modality's
+    scans were prepared when the run knows it."""
+    from lib import export, predict
+
+    output_path = config["OUTPUT_PATH"]
+    path = config["EXPORT_PATH"] or os.path.join(output_path, "saved_model")
+    export.refuse_existing(path)  # before any work
+    prefix = checkpoint_to_test(config, config["TEST_MODEL"] or None, output_path)
+    preparation = {m: predict.recorded_preparation(training_dataset_json(config, m))
+                   for m in MODALITY_LISTS if training_dataset_json(config, m)}
+    logger = get_logger(None)
+    with strategy.scope():
+        model = network.build_model(config)
+    _restore_for_test(model, config, prefix, output_path, logger)
+    return export.export_saved_model(model, {**config, "TEST_MODEL": prefix}, path,
+                                     preparation or None, log=logger.info)

@@ -4,10 +4,11 @@ per scan in the scan's own shape, affine and orientation, and the volume of ever
 A scan is prepared as the run's training data were (lib/prep.py, with the settings that
 data/prepare.py recorded in their dataset.json), except that the crop never looks at a label:
 a centre crop of the extent the training crops had (the recorded size for ``--crop center``,
-the mean training crop box for ``--crop label``), or the whole plane. The network's
-prediction on the prepared volume is put back through the inverse of every step
-(lib.prep.restore_prediction): nearest-neighbour in-plane, the crop (background outside),
-the slice axis, the reorientation. A DICOM series gives a NIfTI in the series' geometry.
+the mean training crop box for ``--crop label``), or the whole plane. The network's class
+probabilities on the prepared volume are put back through the inverse of every step
+(lib.prep.restore_probabilities): linear in-plane, the crop (background outside), the slice
+axis, the reorientation; the label map is their argmax at the scan's own resolution. A DICOM
+series gives a NIfTI in the series' geometry.
 """
 from __future__ import annotations
 
@@ -151,28 +152,42 @@ def class_volumes_ml(labels: np.ndarray, affine, class_names) -> dict:
     return {name: float(counts[c]) * voxel_ml for c, name in enumerate(class_names, start=1)}
 
 
+def segment_scan(predict, modality: str, path: str, preparation: dict,
+                 probabilities: bool = False):
+    """(label map NIfTI, probabilities NIfTI or None) of one scan, both in its own geometry.
+
+    ``predict(modality, image [S, S, D], probabilities=True) -> [S, S, D, C]``; the labels
+    are uint8, the probabilities [X, Y, Z, C] float32 (every voxel sums to 1)."""
+    image, record = prepare_scan(path, preparation)
+    probs = prep.restore_probabilities(predict(modality, image, probabilities=True), record)
+    labels = prep.scan_nifti(np.argmax(probs, axis=-1), record)
+    return labels, prep.scan_nifti(probs, record, np.float32) if probabilities else None
+
+
 def predict_scans(predict, modality: str, scans, out_dir: str, preparation: dict,
-                  class_names, log=print, progress: bool = True) -> list[dict]:
-    """Segment every scan with ``predict(modality, image [S, S, D]) -> labels [S, S, D]``;
-    write ``<name>_seg.nii.gz`` (uint8, the scan's geometry) per scan and volumes.csv.
-    Returns one row per scan (name, input, shape, the volume of every class in mL)."""
+                  class_names, log=print, progress: bool = True,
+                  probabilities: bool = False) -> list[dict]:
+    """Segment every scan (``segment_scan``); write ``<name>_seg.nii.gz`` (uint8, the scan's
+    geometry) per scan, with ``probabilities`` also ``<name>_prob.nii.gz`` ([X, Y, Z, C]
+    float32, class 0 first), and volumes.csv. Returns one row per scan (name, input, shape,
+    the volume of every class in mL)."""
     from tqdm import tqdm
 
     rows = []
     for scan in tqdm(scans, desc="predict", disable=not progress, dynamic_ncols=True):
-        image, record = prepare_scan(scan, preparation)
-        labels = np.asarray(predict(modality, image))
-        nii = prep.restore_prediction(labels, record)
-        path = output_paths(scan, out_dir)["labels"]
-        with atomic_path(path) as tmp:
-            nib.save(nii, tmp)
+        nii, probs = segment_scan(predict, modality, scan, preparation, probabilities)
+        paths = output_paths(scan, out_dir)
+        for key, img in (("labels", nii), ("probabilities", probs)):
+            if img is not None:
+                with atomic_path(paths[key]) as tmp:
+                    nib.save(img, tmp)
         data = np.asarray(nii.dataobj)
         row = {"case": scan_name(scan), "input": os.path.abspath(scan),
                "shape": "x".join(str(s) for s in data.shape),
                **{f"{n}_ml": round(v, 3) for n, v in class_volumes_ml(
                    data, nii.affine, class_names).items()}}
         rows.append(row)
-        log(f"{scan_name(scan)}: {path} " + ", ".join(
+        log(f"{scan_name(scan)}: {paths['labels']} " + ", ".join(
             f"{n} {row[f'{n}_ml']:.1f} mL" for n in class_names))
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")

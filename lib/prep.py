@@ -232,18 +232,20 @@ def _geometry_difference(a: np.ndarray, b: np.ndarray, tol: float) -> str | None
     return None
 
 
-def read_case(image_path: str, label_path: str, tol: float = 1e-3) -> Case:
+def read_case(image_path: str, label_path: str, tol: float = 1e-3,
+              label_resample: str = "none") -> Case:
     """Read an image (NIfTI file or DICOM series folder) and its NIfTI label map.
 
     Checks that both have the same shape and geometry (spacing and origin within ``tol``
-    voxels, direction cosines within ``tol``), that the image is finite and the label holds
-    integer ids. Returns a ``Case`` with RAS arrays [X, Y, Z]. Raises DataError with a
-    one-line message naming the file.
+    voxels, direction cosines within ``tol``; see ``label_onto_image`` for labels stored
+    otherwise and ``label_resample``), that the image is finite and the label holds integer
+    ids. Returns a ``Case`` with RAS arrays [X, Y, Z]. Raises DataError with a one-line
+    message naming the file.
     """
     image, img_affine, header = read_image(image_path)
     label, lab_affine, _ = read_volume(label_path)
     label, notes = label_onto_image(label, lab_affine, label_path, image.shape, img_affine,
-                                    image_path, tol)
+                                    image_path, tol, label_resample)
     if label.dtype.kind == "f":
         if not np.all(np.isfinite(label)):
             raise DataError(f"{label_path}: label holds NaN/Inf voxels")
@@ -284,15 +286,21 @@ def make_case(image_path: str, label_path: str, image, affine, header, label,
                 canonical_affine(affine, image.shape), original, tuple(notes))
 
 
+LABEL_RESAMPLING = ("none", "nearest")
+
+
 def label_onto_image(label, label_affine, label_path: str, image_shape, image_affine,
-                     image_path: str, tol: float = 1e-3):
+                     image_path: str, tol: float = 1e-3, resample: str = "none"):
     """(label on the image's voxel grid, notes for the log).
 
     A label of the image's shape and geometry is returned as it is. One stored in another
     axis order or direction on the same physical voxels (lib.geometry) is re-indexed exactly,
     with no interpolation, and a note says so. Any other label is a DataError naming the
-    file: its shape or geometry differs from the image's.
+    file (its shape or geometry differs from the image's), unless ``resample`` is "nearest":
+    then it is resampled onto the image grid by nearest neighbour, and a note says so.
     """
+    if resample not in LABEL_RESAMPLING:
+        raise ValueError(f"label resampling must be one of {LABEL_RESAMPLING}, got {resample!r}")
     same_shape = tuple(label.shape[:3]) == tuple(image_shape[:3])
     if same_shape and _geometry_difference(image_affine, label_affine, tol) is None:
         return label, []
@@ -303,11 +311,17 @@ def label_onto_image(label, label_affine, label_path: str, image_shape, image_af
             f"{label_path}: stored in another axis order or direction than {image_path} on "
             f"the same voxels; brought onto the image grid exactly ({geometry.describe(alignment)}"
             ", no interpolation)"]
+    diff = (f"label shape {tuple(label.shape)} differs from image shape {tuple(image_shape)}"
+            if not same_shape else "label geometry differs from image: "
+            + str(_geometry_difference(image_affine, label_affine, tol)))
+    if resample == "nearest" and label.ndim == 3:
+        return geometry.resample_nearest(label, label_affine, image_affine, image_shape), [
+            f"{label_path}: on another grid than {image_path} ({diff}); resampled onto the "
+            "image grid by nearest neighbour (--label_resample nearest)"]
     if not same_shape:
-        raise DataError(f"{label_path}: label shape {tuple(label.shape)} differs from image "
-                        f"shape {tuple(image_shape)} of {image_path}")
-    diff = _geometry_difference(image_affine, label_affine, tol)
-    raise DataError(f"{label_path}: label geometry differs from image {image_path}: {diff}")
+        raise DataError(f"{label_path}: {diff} of {image_path}")
+    raise DataError(f"{label_path}: label geometry differs from image {image_path}: "
+                    f"{_geometry_difference(image_affine, label_affine, tol)}")
 
 
 # ----------------------------------------------------------------------------- labels
@@ -653,25 +667,38 @@ def _slices_last_spacing(spacing_xyz, axis_name: str) -> list[float]:
 
 # ----------------------------------------------------------------------------- inverse
 def original_nifti(canonical_vol: np.ndarray, record: dict) -> nib.Nifti1Image:
-    """Canonical [X, Y, Z] labels -> uint8 NIfTI with the original shape, affine and header.
+    """Canonical [X, Y, Z] labels -> uint8 NIfTI with the original shape, affine and header."""
+    return scan_nifti(from_canonical(canonical_vol, record["original"]["orientation"]), record)
+
+
+def scan_nifti(data: np.ndarray, record: dict, dtype=np.uint8) -> nib.Nifti1Image:
+    """An array in the original file's layout, [X, Y, Z] or [X, Y, Z, C] -> NIfTI of
+    ``dtype`` with the original shape, affine and header.
 
     sform/qform (with their codes), zooms and the spatial unit are those of the original
     file, so that nibabel and SimpleITK read the same geometry as from the input.
     """
     orig = record["original"]
-    data = np.ascontiguousarray(from_canonical(canonical_vol, orig["orientation"]))
-    if list(data.shape) != list(orig["shape"]):
+    data = np.ascontiguousarray(data)
+    if list(data.shape[:3]) != list(orig["shape"]):
         raise ValueError(f"restored shape {data.shape} differs from original {orig['shape']}")
     hdr = nib.Nifti1Header()
     hdr.set_data_shape(data.shape)
-    hdr.set_data_dtype(np.uint8)
-    img = nib.Nifti1Image(data.astype(np.uint8), np.array(orig["affine"]), hdr)
+    hdr.set_data_dtype(dtype)
+    img = nib.Nifti1Image(data.astype(dtype), np.array(orig["affine"]), hdr)
     img.header.set_qform(np.array(orig["qform"]), int(orig["qform_code"]))
     img.header.set_sform(np.array(orig["sform"]), int(orig["sform_code"]))
-    img.header.set_zooms(tuple(orig["zooms"]))
+    img.header.set_zooms(tuple(orig["zooms"]) + (1.0,) * (data.ndim - 3))
     img.header.set_xyzt_units(xyz=orig["xyz_unit"])
     img.update_header()
     return img
+
+
+def _check_prepared(shape, record: dict) -> None:
+    expected = record["prepared"]["shape"]
+    if list(shape[:3]) != list(expected):
+        raise ValueError(f"prediction shape {tuple(shape)} differs from the prepared shape "
+                         f"{tuple(expected)}")
 
 
 def restore_prediction(pred_hwd: np.ndarray, record: dict) -> nib.Nifti1Image:
@@ -684,15 +711,37 @@ def restore_prediction(pred_hwd: np.ndarray, record: dict) -> nib.Nifti1Image:
     neighbour rule of ``resample_hw`` makes up- then down-sampling the identity.
     """
     pred = np.asarray(pred_hwd)
-    expected = record["prepared"]["shape"]
-    if list(pred.shape) != list(expected):
-        raise ValueError(f"prediction shape {pred.shape} differs from the prepared shape "
-                         f"{tuple(expected)}")
+    _check_prepared(pred.shape, record)
     h0, h1, w0, w1 = record["crop_box"]
     patch = resample_hw(pred, (h1 - h0, w1 - w0), order=0)
     hwd = uncrop_hw(patch, record["crop_box"], record["slices_last_shape"])
     canonical = from_slices_last(hwd, record["slice_axis"])
     return original_nifti(canonical, record)
+
+
+def restore_probabilities(probs_hwdc: np.ndarray, record: dict) -> np.ndarray:
+    """Class probabilities on the prepared volume [S, S, D, C] -> [X, Y, Z, C] float32 in
+    the original file's array layout (``scan_nifti`` writes it).
+
+    The inverse steps of ``restore_prediction``, with linear in-plane resampling (each
+    class's map is resampled alone, so every voxel still sums to 1); outside the crop box
+    the background has probability 1. The argmax of the result is the label map at the
+    scan's resolution, smoother than the nearest-neighbour one when the scan is finer than
+    the prepared grid.
+    """
+    probs = np.asarray(probs_hwdc, np.float32)
+    _check_prepared(probs.shape, record)
+    h0, h1, w0, w1 = record["crop_box"]
+    orientation = record["original"]["orientation"]
+    out = np.empty(tuple(record["original"]["shape"]) + probs.shape[3:], np.float32)
+    for c in range(probs.shape[3]):
+        # background as 1 - p: the uncropped outside (0) then becomes probability 1
+        p = 1.0 - probs[..., 0] if c == 0 else probs[..., c]
+        hwd = uncrop_hw(resample_hw(p, (h1 - h0, w1 - w0), order=1), record["crop_box"],
+                        record["slices_last_shape"])
+        hwd = 1.0 - hwd if c == 0 else hwd
+        out[..., c] = from_canonical(from_slices_last(hwd, record["slice_axis"]), orientation)
+    return out
 
 
 # ----------------------------------------------------------------------------- augmentation

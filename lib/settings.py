@@ -21,6 +21,8 @@ PREDICT_OUTPUT = ""          # folder for <scan>_seg.nii.gz and volumes.csv; emp
 PREDICT_MODALITY = "ct"      # "ct" or "mr": the modality of the scans (its BN branch segments them)
 PREDICT_DATASET_JSON = ""    # dataset.json of the preparation to apply; empty = beside the modality's training list
 PREDICT_OVERWRITE = False    # replace outputs that exist already
+PREDICT_PROBABILITIES = False  # also write <scan>_prob.nii.gz: the class probabilities [X, Y, Z, C]
+EXPORT_PATH = ""             # PHASE "export": SavedModel folder (signatures ct, mr); empty = OUTPUT_PATH/saved_model
 
 # --- task
 N_CLASS = 5                  # classes including background
@@ -63,7 +65,7 @@ TYPES = {"TENSORBOARD_PORT": int, "DISTRIBUTE": str}
 # The allowed values of every setting that takes one of a few; the modules that act on
 # them import these tuples, so each list is written once.
 CHOICES = {
-    "PHASE": ("train", "test", "train_test", "predict"),
+    "PHASE": ("train", "test", "train_test", "predict", "export"),
     "PREDICT_MODALITY": ("ct", "mr"),
     "PRECISION": ("auto", "fp32", "bf16", "fp16"),
     "KD_CLASSES": ("all", "present"),

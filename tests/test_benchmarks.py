@@ -84,6 +84,13 @@ def test_inference_benchmark_json(model):
     assert {"seconds_per_volume", "gflop_per_volume", "achieved_tflops"} <= set(r)
 
 
+def test_inference_benchmark_times_a_whole_scan():
+    r = bench("inference.py", "--scan=20,18,5", "--size=16", "--feature_base=2",
+              "--precision=fp32")
+    assert r["scan"] == [20, 18, 5] and r["prepared_shape"] == [16, 16, 5]
+    assert 0 < r["network_seconds_per_scan"] and 0 < r["seconds_per_scan"]
+
+
 def test_bf16_and_fp32_losses_agree():
     from model_2d import DilatedResNet2D
 

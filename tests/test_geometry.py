@@ -135,3 +135,69 @@ def test_the_test_phase_brings_a_flipped_label_onto_its_image(tmp_path):
              str(tmp_path / "g.nii.gz"))
     with pytest.raises(DataError, match="g.nii.gz: label geometry differs from image"):
         load_volume(f"{tmp_path / 'i.nii.gz'},{tmp_path / 'g.nii.gz'}")
+
+
+# ---------------------------------------------------------------------- other grids, on request
+def test_nearest_resampling_of_another_grid_matches_simpleitk():
+    """A label on a coarser, shifted and LPS-stored grid, resampled onto the image grid: the
+    same voxels as SimpleITK's nearest-neighbour resampling (no exact ties by construction)."""
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(3)
+    coarse = rng.integers(0, 4, (5, 6, 4)).astype(np.uint8)
+    # 1.3 mm x 1.1 mm x 3.7 mm voxels, axes 0 and 1 running backwards, origin off the grid
+    moving_affine = np.array([[-1.3, 0, 0, -36.3], [0, -1.1, 0, 16.9], [0, 0, 3.7, 6.1],
+                              [0, 0, 0, 1]])
+    out = geometry.resample_nearest(coarse, moving_affine, FIXED, (7, 8, 6))
+    assert out.shape == (7, 8, 6) and out.dtype == np.uint8
+
+    def to_sitk(array, affine):  # NIfTI's RAS affine -> ITK's LPS geometry
+        lps = np.diag([-1.0, -1.0, 1.0]) @ affine[:3, :3]
+        spacing = np.linalg.norm(lps, axis=0)
+        img = sitk.GetImageFromArray(np.transpose(array, (2, 1, 0)))
+        img.SetSpacing(spacing.tolist())
+        img.SetDirection((lps / spacing).ravel().tolist())
+        img.SetOrigin((np.diag([-1.0, -1.0, 1.0]) @ affine[:3, 3]).tolist())
+        return img
+
+    reference = sitk.Resample(to_sitk(coarse, moving_affine),
+                              to_sitk(np.zeros((7, 8, 6), np.uint8), FIXED),
+                              sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    expected = np.transpose(sitk.GetArrayFromImage(reference), (2, 1, 0))
+    assert np.array_equal(out, expected)
+    assert (out == 0).any() and len(np.unique(out)) > 2  # part inside, part outside
+
+
+def test_a_label_on_another_grid_is_refused_unless_resampling_is_asked(tmp_path, capsys):
+    import nibabel as nib
+
+    from data.prepare import main as prepare_main
+    from lib.data import DataError
+    from lib.prep import read_case
+
+    out, tmp_path = tmp_path, tmp_path / "in"
+    tmp_path.mkdir()
+    image = np.zeros((12, 10, 6), np.float32)
+    image[3:9, 2:8, 1:5] = 1.0
+    nib.save(nib.Nifti1Image(image, FIXED), str(tmp_path / "i.nii.gz"))
+    # the same field of view at half the in-plane resolution: each label voxel covers 2 x 2
+    # image voxels, its centre half an image voxel past the first one's
+    coarse = np.zeros((6, 5, 6), np.uint8)
+    coarse[1:5, 1:4, 1:5] = 1
+    to_coarse = np.array([[2.0, 0, 0, 0.5], [0, 2.0, 0, 0.5], [0, 0, 1, 0], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(coarse, FIXED @ to_coarse), str(tmp_path / "l.nii.gz"))
+    with pytest.raises(DataError, match="l.nii.gz: label shape"):
+        read_case(str(tmp_path / "i.nii.gz"), str(tmp_path / "l.nii.gz"))
+    case = read_case(str(tmp_path / "i.nii.gz"), str(tmp_path / "l.nii.gz"),
+                     label_resample="nearest")
+    expected = np.zeros(image.shape, np.int64)
+    expected[2:10, 2:8, 1:5] = 1  # label voxel i covers image voxels 2i and 2i + 1
+    assert np.array_equal(case.label, expected)
+    assert "resampled onto the image grid by nearest neighbour" in case.notes[0]
+    argv = ["--modality", "ct", "--images", str(tmp_path / "i.nii.gz"), "--labels",
+            str(tmp_path / "l.nii.gz"), "--label_map", "1:1", "--test", "i", "--image_size", "8"]
+    assert prepare_main(argv + ["--out_dir", str(out / "refused")]) == 2
+    assert "l.nii.gz: label shape (6, 5, 6) differs" in capsys.readouterr().err
+    assert not os.path.exists(out / "refused")
+    assert prepare_main(argv + ["--out_dir", str(out / "ok"), "--label_resample",
+                                "nearest"]) == 0

@@ -1,5 +1,6 @@
 """PHASE "predict": segmenting scans without labels (lib/predict.py, lib.pipeline._predict)."""
 import csv
+import json
 import os
 import re
 
@@ -22,10 +23,12 @@ def scan(path, shape=(40, 36, 12), affine=AFFINE, seed=0):
     return str(path)
 
 
-def threshold(modality, image):
-    """A stand-in network: class 1 where the prepared (z-scored) image is bright."""
+def threshold(modality, image, probabilities=False):
+    """A stand-in network: class 1 where the prepared (z-scored) image is bright (with
+    ``probabilities``: one-hot [S, S, D, 2])."""
     assert modality == "ct" and image.dtype == np.float32
-    return (image > 1.0).astype(np.uint8)
+    labels = (image > 1.0).astype(np.uint8)
+    return np.eye(2, dtype=np.float32)[labels] if probabilities else labels
 
 
 PREPARATION = {"image_size": 32, "slice_axis": "axial", "clip_lower": 0.0, "clip_upper": 98.0,
@@ -118,13 +121,20 @@ def test_masks_have_the_scan_geometry_and_any_orientation_gives_the_same_mask(tm
     nib.save(nib.Nifti1Image(data[::-1, ::-1].copy(), AFFINE @ flip), str(lps))
     out = tmp_path.parent / f"{tmp_path.name}_pred"
     rows = predict.predict_scans(threshold, "ct", [ras, str(lps)], str(out), PREPARATION,
-                                 ["organ"], log=lambda m: None, progress=False)
+                                 ["organ"], log=lambda m: None, progress=False,
+                                 probabilities=True)
     masks = {}
     for name, path in (("ras", ras), ("lps", str(lps))):
         mask, src = nib.load(str(out / f"{name}_seg.nii.gz")), nib.load(path)
         assert mask.shape == src.shape and np.allclose(mask.affine, src.affine)
         assert mask.get_data_dtype() == np.uint8
         masks[name] = np.asarray(mask.dataobj)
+        # the probabilities: [X, Y, Z, 2] in the same geometry, summing to 1, argmax = mask
+        probs = nib.load(str(out / f"{name}_prob.nii.gz"))
+        assert probs.shape == src.shape + (2,) and np.allclose(probs.affine, src.affine)
+        p = np.asarray(probs.dataobj)
+        assert np.allclose(p.sum(-1), 1.0, atol=1e-5)
+        assert np.array_equal(np.argmax(p, -1), masks[name])
     assert np.array_equal(masks["lps"][::-1, ::-1], masks["ras"])
     truth = np.zeros(data.shape, bool)
     truth[10:25, 8:20, 3:9] = True
@@ -185,6 +195,36 @@ def test_predict_phase_end_to_end_and_its_errors(tiny_data, tmp_path, capsys):
 
     assert run(("phase", "train"), ("num_steps", 2), ("source_val_list", ""),
                ("target_val_list", "")) == 0
+    # The test phase also scores each test case in its original scan's geometry: the scan
+    # segmented as the predict phase would, against the full-resolution label map.
+    assert run(("phase", "test")) == 0
+    report = json.load(open(os.path.join(out, "results", "metrics.json"), encoding="utf-8"))
+    for m in ("mr", "ct"):
+        (case,) = report["scan_geometry"][m]["cases"]
+        scan_mask = nib.load(os.path.join(out, "results", "predictions", "c2_scan.nii.gz"))
+        dataset = json.load(open(tmp_path / m / "dataset.json", encoding="utf-8"))
+        (record,) = [c for c in dataset["cases"] if c["name"] == "c2"]
+        gt = np.asarray(nib.load(str(tmp_path / m / record["files"]["gt"])).dataobj) == 1
+        pred = np.asarray(scan_mask.dataobj) == 1
+        assert scan_mask.shape == (20, 20, 6)
+        expected = 2 * np.sum(pred & gt) / (pred.sum() + gt.sum())
+        assert case["case"] == "c2" and case["dice"]["organ"] == pytest.approx(expected)
+    assert os.path.exists(os.path.join(out, "results", "metrics_scan_geometry.csv"))
+    # ... and that mask is the predict phase's (ct, the last one written)
+    same = str(tmp_path / "same")
+    assert run(("phase", "predict"), ("predict_input", str(raw / "c2_image.nii.gz")),
+               ("predict_output", same)) == 0
+    assert np.array_equal(np.asarray(nib.load(os.path.join(same, "c2_image_seg.nii.gz")).dataobj),
+                          np.asarray(scan_mask.dataobj))
+    # PHASE "export": the SavedModel (its round trip: tests/test_export.py) with how each
+    # modality's scans are prepared; an existing export is kept
+    assert run(("phase", "export")) == 0
+    described = json.load(open(os.path.join(out, "saved_model", "export.json"), encoding="utf-8"))
+    assert described["checkpoint"].endswith("model-2")
+    assert set(described["preparation"]) == {"ct", "mr"}
+    assert described["preparation"]["ct"]["image_size"] == 16
+    assert run(("phase", "export")) == 2
+    assert re.search(r"saved_model: exists already", capsys.readouterr().err)
     new = scan(tmp_path / "new_ct.nii.gz", shape=(24, 22, 7), affine=np.diag([1.2, 1.2, 2, 1]))
     capsys.readouterr()
     pred_dir = str(tmp_path / "masks")

@@ -315,6 +315,22 @@ def test_restore_prediction_synthetic_lps_exact(tmp_path):
     assert int(restored.header["sform_code"]) == 1 and int(restored.header["qform_code"]) == 1
     np.testing.assert_array_equal(np.asarray(restored.dataobj), expected)
 
+    # probabilities come back linearly: one-hot labels whose rows were replicated 2x by the
+    # preparation average back to one-hot, so their argmax is the same exact label map;
+    # outside the crop box the background has probability 1
+    one_hot = np.eye(3, dtype=np.float32)[prepared_lab]
+    probs = prep.restore_probabilities(one_hot, record)
+    assert probs.shape == lab_s.shape + (3,) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-6)
+    np.testing.assert_array_equal(np.argmax(probs, -1), expected)
+    outside = prep.from_canonical(prep.from_slices_last(
+        prep.uncrop_hw(np.ones((16, 32, 6)), record["crop_box"], record["slices_last_shape"]),
+        "axial"), "LPS") == 0
+    assert outside.any() and np.all(probs[outside] == [1.0, 0.0, 0.0])
+    nii = prep.scan_nifti(probs, record, np.float32)
+    assert nii.shape == lab_s.shape + (3,)
+    np.testing.assert_allclose(nii.affine, aff_s, atol=1e-5)
+
     # the prepared affine puts every prepared voxel where its label came from
     prep_aff = np.array(record["prepared"]["affine"])
     idx = np.argwhere(np.ones(prepared_lab.shape, bool))
