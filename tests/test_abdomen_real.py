@@ -1,4 +1,5 @@
-"""End to end on the real abdominal CT and MR pair in ../shared: prepare, train, test.
+"""End to end on the real abdominal CT and MR pair in ../shared: prepare, train, test, and
+predict the real DICOM CT series.
 
 The same commands as README's abdomen section, at a tiny size so that it runs in CI.
 """
@@ -19,6 +20,7 @@ from lib.cli import main
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(SHARED_REAL),
                                 reason="../shared/data/abdomen_real is not there")
+SERIES = os.path.join(SHARED_REAL, "..", "ct_dicom_real", "series")
 
 
 def prepare(m, part, out):
@@ -65,3 +67,28 @@ def test_prepare_train_and_test_the_real_pair(tmp_path):
         gt = np.asarray(nib.load(pred.replace("_pred", "_gt")).dataobj)
         lab = np.asarray(nib.load(original.replace("_image", "_label")).dataobj)
         assert np.array_equal(gt == 1, lab == 5)  # liver
+    # ... and each test scan is also scored in its own geometry, over the whole scan
+    for m in ("mr", "ct"):
+        (case,) = report["scan_geometry"][m]["cases"]
+        assert case["case"] == f"{m}_0001" and set(case["dice"]) == set(report["classes"])
+        scan = nib.load(os.path.join(out, "results", "predictions", f"{m}_0001_scan.nii.gz"))
+        assert scan.shape == nib.load(os.path.join(SHARED_REAL, f"{m}_0001_image.nii.gz")).shape
+
+    # The real DICOM series, unlabelled: a NIfTI mask in the series' exact geometry
+    if not os.path.isdir(SERIES):
+        return
+    masks = str(tmp_path / "masks")
+    predict_args = [f"--{k}={v}" for k, v in args.items()] + [
+        "--phase=predict", "--predict_modality=ct", f"--predict_input={SERIES}",
+        f"--predict_output={masks}"]
+    assert main(vars(main_combine), main_combine.network, predict_args, main_combine.PRESETS,
+                main_combine._ROOT) == 0
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(SERIES))
+    series, mask = reader.Execute(), sitk.ReadImage(os.path.join(masks, "series_seg.nii.gz"))
+    assert mask.GetSize() == series.GetSize() == (512, 512, 20)
+    np.testing.assert_allclose(mask.GetSpacing(), series.GetSpacing(), atol=1e-5)
+    np.testing.assert_allclose(mask.GetOrigin(), series.GetOrigin(), atol=1e-3)
+    np.testing.assert_allclose(mask.GetDirection(), series.GetDirection(), atol=1e-6)
+    assert open(os.path.join(masks, "volumes.csv")).readline().startswith(
+        "case,input,shape,liver_ml,right_kidney_ml")
