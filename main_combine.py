@@ -99,10 +99,9 @@ def network():
 
     def predictor(model, config):
         fn = make_predict_fn(model, [config["IMAGE_SIZE"]] * 2 + [3])
-        # native: slices at their own size (a scan prepared at the training's pixel size)
-        return lambda m, image, probabilities=False, native=False: predict_volume_2d(
-            fn, m, image, None if native else config["IMAGE_SIZE"], config["TEST_BATCH"],
-            config["TEST_MIRROR"], probabilities)
+        return lambda m, image, probabilities=False: predict_volume_2d(
+            fn, m, image, config["IMAGE_SIZE"], config["TEST_BATCH"], config["TEST_MIRROR"],
+            probabilities)
 
     def prepare_data(config):
         if config["PRESET"] == "demo":

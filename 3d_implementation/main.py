@@ -89,8 +89,7 @@ def network():
     def predictor(model, config):
         patch = [int(p) for p in config["PATCH_SIZE"]]
         fn = make_predict_fn(model, [*patch, 1])  # compiled once per modality, reused per volume
-        # windows of the patch size cover a volume of any size: native needs nothing more
-        return lambda m, image, probabilities=False, native=False: predict_volume_3d(
+        return lambda m, image, probabilities=False: predict_volume_3d(
             fn, m, image, patch, config["N_CLASS"], config["TEST_STRIDE"] or None,
             config["TEST_BATCH"], config["TEST_MIRROR"], probabilities)
 

@@ -11,8 +11,7 @@ counts the convolution FLOPs of the forward passes it makes. With ``--scan=X,Y,Z
 random CT NIfTI of that shape (0.7 x 0.7 x 2.5 mm) goes through lib.predict.predict_scans
 (read, prepare to --size px over the whole plane, predict, probabilities back at the
 scan's resolution, argmax, write), after one warm-up scan; the network's share is timed
-apart; ``--pixel_mm`` sets the training pixel size the scan is prepared at. Prints ONE
-JSON line.
+apart. Prints ONE JSON line.
 """
 from __future__ import annotations
 
@@ -49,8 +48,6 @@ def main(argv=None):
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="auto")
     p.add_argument("--scan", type=lambda s: [int(v) for v in s.split(",")], default=None,
                    help="X,Y,Z: time one scan of this shape through PHASE predict (2D)")
-    p.add_argument("--pixel_mm", type=float, default=None,
-                   help="--scan: the training's pixel size (default: the plane at --size px)")
     args = p.parse_args(argv)
     config = dict(defaults(vars(entry_module(args.model))), N_CLASS=args.n_class,
                   FEATURE_BASE=args.feature_base, SCHEME="ummkd", SEED=0,
@@ -97,14 +94,10 @@ def time_scan(model, args) -> dict:
     if args.model != "2d":
         raise SystemExit("--scan: the 2D network only")
     fn = evaluate.make_predict_fn(model, [args.size, args.size, 3])
-    net = lambda m, image, probabilities=False, native=False: evaluate.predict_volume_2d(
-        fn, m, image, None if native else args.size, args.batch_size,
-        probabilities=probabilities)
-    # a run trained at pixel_mm mm per pixel; default: the whole plane (0.7 mm voxels) at
-    # args.size px
-    pixel_mm = args.pixel_mm or max(args.scan[:2]) * 0.7 / args.size
-    preparation = {"image_size": args.size, "pixel_mm": pixel_mm, "slice_axis": "axial",
-                   "clip_lower": 0.0, "clip_upper": 98.0, "training_crop": "center",
+    net = lambda m, image, probabilities=False: evaluate.predict_volume_2d(
+        fn, m, image, args.size, args.batch_size, probabilities=probabilities)
+    preparation = {"image_size": args.size, "slice_axis": "axial", "clip_lower": 0.0,
+                   "clip_upper": 98.0, "crop_size_mm": None, "training_crop": "center",
                    "source": "benchmark"}
     rng = np.random.default_rng(0)
     hu = rng.normal(0, 300, args.scan).clip(-1024, 3000).astype(np.int16)
@@ -120,7 +113,7 @@ def time_scan(model, args) -> dict:
             times.append(time.perf_counter() - t)
         image, _ = predict.prepare_scan(scan, preparation)
         t = time.perf_counter()
-        net("ct", image, probabilities=True, native=True)
+        net("ct", image, probabilities=True)
         network = time.perf_counter() - t
     return {"model": "2d", "scan": args.scan, "image_size": args.size,
             "feature_base": args.feature_base, "seconds_per_scan": times[1],

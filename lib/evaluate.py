@@ -41,25 +41,21 @@ def stack_context(image_hwd: np.ndarray) -> np.ndarray:
 
 
 def make_predict_fn(model, example_shape):
-    """modality -> a function x [N, *shape] -> softmax [N, ..., C] float32, compiled once
-    per modality and example shape and reused for every volume.
+    """modality -> a compiled function x [N, *example_shape] -> softmax [N, ..., C] float32.
 
-    example_shape is [S, S, 3] for the 2D network and [h, w, d, 1] for the 3D one; the 2D
-    network also takes slices of another size (a multiple of 8), traced once per size.
+    example_shape is [S, S, 3] for the 2D network and [h, w, d, 1] for the 3D one; each
+    modality's function is traced once and reused for every volume.
     """
     fns = {}
 
-    def compiled(modality, shape):
-        if (modality, shape) not in fns:
-            @tf.function(input_signature=[tf.TensorSpec([None, *shape], tf.float32)])
+    def for_modality(modality):
+        if modality not in fns:
+            @tf.function(input_signature=[tf.TensorSpec([None, *example_shape], tf.float32)])
             def predict(x):
                 logits = model(x, modalities=(modality,), training=False)
                 return tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
-            fns[modality, shape] = predict
-        return fns[modality, shape]
-
-    def for_modality(modality):
-        return lambda x: compiled(modality, tuple(int(n) for n in x.shape[1:]))(x)
+            fns[modality] = predict
+        return fns[modality]
 
     return for_modality
 
@@ -84,30 +80,26 @@ def mirrored(fn, axes, mirror: bool):
     return averaged
 
 
-def predict_volume_2d(predict_fn, modality: str, image_hwd: np.ndarray,
-                      image_size: int | None, batch_size: int = 16, mirror: bool = False,
+def predict_volume_2d(predict_fn, modality: str, image_hwd: np.ndarray, image_size: int,
+                      batch_size: int = 16, mirror: bool = False,
                       probabilities: bool = False) -> np.ndarray:
     """Label map [H, W, D] (int32) for every slice of a volume, or with ``probabilities``
     the class probabilities [H, W, D, C] (float32).
 
     Slices whose in-plane size is not image_size are resized for the network (bilinear) and
-    the class probabilities are resized back before the argmax; image_size None: the
-    slices go through at their own size (H and W multiples of 8). ``mirror``: averaged over
+    the class probabilities are resized back before the argmax. ``mirror``: averaged over
     the in-plane flips (``mirrored``).
     """
     h, w, d = image_hwd.shape
-    if image_size is None and (h % 8 or w % 8):
-        raise ValueError(f"slices of {h} x {w} px: their own size must be a multiple of 8")
-    size = (h, w) if image_size is None else (image_size, image_size)
     stacks = stack_context(image_hwd.astype(np.float32))
     fn = mirrored(predict_fn(modality), [1, 2], mirror)
     out = None
     for start in range(0, d, batch_size):
         x = tf.constant(stacks[start:start + batch_size])
-        if (h, w) != size:
-            x = tf.image.resize(x, size, method="bilinear")
+        if (h, w) != (image_size, image_size):
+            x = tf.image.resize(x, [image_size, image_size], method="bilinear")
         probs = fn(x)
-        if (h, w) != size:
+        if (h, w) != (image_size, image_size):
             probs = tf.image.resize(probs, [h, w], method="bilinear")
         probs = np.transpose(np.asarray(probs), (1, 2, 0, 3))  # [H, W, batch, C]
         if out is None:

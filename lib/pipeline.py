@@ -41,9 +41,7 @@ class Network:
     train_datasets: Callable     # (config, {m: train list}, {m: val list}, start step)
                                  # -> (train, val) datasets, resumable at the start step
     predictor: Callable          # (model, config) -> predict(modality, image_hwd,
-                                 # probabilities=False, native=False) -> labels [H, W, D]
-                                 # (or probabilities [H, W, D, C]); native: the volume's
-                                 # in-plane size as it is, not resized to the training's
+                                 # probabilities=False) -> labels [H, W, D] (or [H, W, D, C])
     prepare_data: Callable | None = None  # config -> None: create demo data if needed
     paper_coverage: Callable | None = None  # (config, depth) -> [D] bool: the slices the
                                  # original test predicts (PAPER_PROTOCOL); None: all
@@ -246,8 +244,9 @@ def _predict(config: dict, network: Network, strategy) -> list[dict]:
     logger = get_logger(None)
     logger.info(f"{network.name}: segmenting {len(scans)} {modality} scan(s) with {prefix}; "
                 f"preparation of {dataset_json} (slice axis {preparation['slice_axis']}, "
-                f"the whole plane at {preparation['pixel_mm']:.2f} mm per pixel, as in "
-                f"training) -> {out_dir}")
+                f"{preparation['image_size']} px, centre crop "
+                + (f"{preparation['crop_size_mm']:.0f} mm" if preparation["crop_size_mm"]
+                   else "none (the whole plane)") + f") -> {out_dir}")
     with strategy.scope():
         model = network.build_model(config)
     _restore_for_test(model, config, prefix, output_path, logger)

@@ -3,8 +3,8 @@ per scan in the scan's own shape, affine and orientation, and the volume of ever
 
 A scan is prepared as the run's training data were (lib/prep.py, with the settings that
 data/prepare.py recorded in their dataset.json), except that the crop never looks at a label:
-the whole plane goes through the network, at the pixel size (mm) the training crops had, so
-that organs are as large as in training wherever they lie. The network's class
+a centre crop of the extent the training crops had (the recorded size for ``--crop center``,
+the mean training crop box for ``--crop label``), or the whole plane. The network's class
 probabilities on the prepared volume are put back through the inverse of every step
 (lib.prep.restore_probabilities): linear in-plane, the crop (background outside), the slice
 axis, the reorientation; the label map is their argmax at the scan's own resolution. A DICOM
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import os
 
 import nibabel as nib
@@ -102,9 +101,8 @@ def check_outputs(scans, inputs, out_dir: str, overwrite: bool) -> None:
 # ---------------------------------------------------------------------- preparation
 def recorded_preparation(dataset_json: str) -> dict:
     """How a run's training data were prepared, from the dataset.json data/prepare.py wrote:
-    slice axis, clipping percentiles, the training in-plane size and ``pixel_mm``, the mean
-    in-plane pixel size (mm) of the training and validation cases as the network saw them
-    (their crop's extent / image size)."""
+    slice axis, in-plane size, clipping percentiles and the in-plane extent (mm) of the
+    label-free centre crop (None: the whole plane)."""
     import json
 
     try:
@@ -112,20 +110,18 @@ def recorded_preparation(dataset_json: str) -> dict:
             data = json.load(handle)
         settings = data["settings"]
         cases = [c for c in data["cases"] if c.get("split") in ("train", "val")] or data["cases"]
-        size = int(settings["image_size"])
-        if settings["crop"] == "center" and settings["crop_size_mm"]:
-            extent = float(settings["crop_size_mm"])
-        else:  # label boxes (or whole planes) differ per case: their mean extent
-            extent = float(np.mean([max(
-                (c["crop_box"][1] - c["crop_box"][0]) * c["slices_last_spacing"][0],
-                (c["crop_box"][3] - c["crop_box"][2]) * c["slices_last_spacing"][1])
-                for c in cases]))
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise DataError(f"{dataset_json}: not a dataset.json of data/prepare.py ({err})") from None
-    return {"image_size": size, "pixel_mm": extent / size, "slice_axis": settings["slice_axis"],
+    if settings["crop"] == "center":
+        extent = settings["crop_size_mm"]
+    else:  # the label boxes differ per case: their mean extent, as a square
+        extent = float(np.mean([max((c["crop_box"][1] - c["crop_box"][0]) * c["slices_last_spacing"][0],
+                                    (c["crop_box"][3] - c["crop_box"][2]) * c["slices_last_spacing"][1])
+                                for c in cases]))
+    return {"image_size": int(settings["image_size"]), "slice_axis": settings["slice_axis"],
             "clip_lower": float(settings["clip_lower_percentile"]),
             "clip_upper": float(settings["clip_upper_percentile"]),
-            "training_crop": settings["crop"], "source": dataset_json}
+            "crop_size_mm": extent, "training_crop": settings["crop"], "source": dataset_json}
 
 
 def read_scan(path: str) -> prep.Case:
@@ -137,30 +133,14 @@ def read_scan(path: str) -> prep.Case:
     return prep.make_case(path, "", image, affine, header, np.zeros(image.shape, np.uint8))
 
 
-# The prepared plane's side is a multiple of this: the 2D network halves it three times.
-SIZE_MULTIPLE = 8
-
-
-def prepared_size(shape_hw, spacing_hw, pixel_mm: float) -> int:
-    """Side (px) of the square that holds a whole plane of ``shape_hw`` voxels of
-    ``spacing_hw`` mm at about ``pixel_mm`` mm per pixel: the plane's longer side over
-    pixel_mm, rounded up to a multiple of SIZE_MULTIPLE."""
-    extent = max(float(n) * float(s) for n, s in zip(shape_hw, spacing_hw))
-    return SIZE_MULTIPLE * max(1, math.ceil(extent / pixel_mm / SIZE_MULTIPLE - 1e-6))
-
-
 def prepare_scan(path: str, preparation: dict):
-    """(prepared image [S, S, D] float32, record for restore_probabilities) of one scan: its
-    whole plane (a square of the longer side, centred; never a crop that could cut an organ)
-    at the training data's pixel size, clipped and z-scored as they were."""
+    """(prepared image [S, S, D] float32, record for restore_prediction) of one scan."""
     case = read_scan(path)
-    axis = preparation["slice_axis"]
-    size = prepared_size(prep.to_slices_last(case.image, axis).shape[:2],
-                         prep.slices_last_spacing(case.spacing, axis)[:2],
-                         preparation["pixel_mm"])
     image, _, record = prep.prepare_volume(
-        case, {0: 0}, image_size=size, slice_axis=axis, crop="center", crop_size=None,
-        clip_lower=preparation["clip_lower"], clip_upper=preparation["clip_upper"])
+        case, {0: 0}, image_size=preparation["image_size"],
+        slice_axis=preparation["slice_axis"], crop="center",
+        crop_size=preparation["crop_size_mm"], clip_lower=preparation["clip_lower"],
+        clip_upper=preparation["clip_upper"])
     return image, record
 
 
@@ -176,12 +156,10 @@ def segment_scan(predict, modality: str, path: str, preparation: dict,
                  probabilities: bool = False):
     """(label map NIfTI, probabilities NIfTI or None) of one scan, both in its own geometry.
 
-    ``predict(modality, image [S, S, D], probabilities=True, native=True) -> [S, S, D, C]``
-    (native: at the prepared size S, not the training one); the labels are uint8, the
-    probabilities [X, Y, Z, C] float32 (every voxel sums to 1)."""
+    ``predict(modality, image [S, S, D], probabilities=True) -> [S, S, D, C]``; the labels
+    are uint8, the probabilities [X, Y, Z, C] float32 (every voxel sums to 1)."""
     image, record = prepare_scan(path, preparation)
-    probs = prep.restore_probabilities(
-        predict(modality, image, probabilities=True, native=True), record)
+    probs = prep.restore_probabilities(predict(modality, image, probabilities=True), record)
     labels = prep.scan_nifti(np.argmax(probs, axis=-1), record)
     return labels, prep.scan_nifti(probs, record, np.float32) if probabilities else None
 

@@ -613,7 +613,7 @@ def prepare_volume(case: Case, label_map: dict[int, int], *, image_size: int = I
     num_classes = max(label_map.values()) + 1
     image_hwd = to_slices_last(case.image, slice_axis)
     label_hwd = to_slices_last(mapped, slice_axis)
-    spacing_hwd = slices_last_spacing(case.spacing, slice_axis)
+    spacing_hwd = _slices_last_spacing(case.spacing, slice_axis)
     clipped, (lo, hi) = clip_percentiles(image_hwd, clip_lower, clip_upper)
     normed, mean, std = zscore(clipped)
     if crop == "label":
@@ -660,8 +660,7 @@ def prepare_volume(case: Case, label_map: dict[int, int], *, image_size: int = I
     return image, label, record
 
 
-def slices_last_spacing(spacing_xyz, axis_name: str) -> list[float]:
-    """Voxel size (mm) of the canonical axes [X, Y, Z] -> that of [H, W, D] (to_slices_last)."""
+def _slices_last_spacing(spacing_xyz, axis_name: str) -> list[float]:
     (h, _), (w, _), d = _view(axis_name)
     return [float(spacing_xyz[h]), float(spacing_xyz[w]), float(spacing_xyz[d])]
 

@@ -27,7 +27,7 @@ NETWORKS = {
     "3d": dict(NETWORK="unet3d", PATCH_SIZE=[16, 16, 8], FEATURE_BASE=2),
 }
 PREPARATION = {"image_size": 16, "slice_axis": "axial", "clip_lower": 0.0, "clip_upper": 98.0,
-               "pixel_mm": 1.0, "training_crop": "center", "source": "dataset.json"}
+               "crop_size_mm": None, "training_crop": "center", "source": "dataset.json"}
 TIMEOUT = 240
 
 CHILD = r"""

@@ -23,7 +23,7 @@ def scan(path, shape=(40, 36, 12), affine=AFFINE, seed=0):
     return str(path)
 
 
-def threshold(modality, image, probabilities=False, native=False):
+def threshold(modality, image, probabilities=False):
     """A stand-in network: class 1 where the prepared (z-scored) image is bright (with
     ``probabilities``: one-hot [S, S, D, 2])."""
     assert modality == "ct" and image.dtype == np.float32
@@ -31,9 +31,8 @@ def threshold(modality, image, probabilities=False, native=False):
     return np.eye(2, dtype=np.float32)[labels] if probabilities else labels
 
 
-# the test scans' 60 mm planes at 1.875 mm per pixel: 32 x 32 px
-PREPARATION = {"image_size": 32, "pixel_mm": 1.875, "slice_axis": "axial", "clip_lower": 0.0,
-               "clip_upper": 98.0, "training_crop": "center", "source": "test"}
+PREPARATION = {"image_size": 32, "slice_axis": "axial", "clip_lower": 0.0, "clip_upper": 98.0,
+               "crop_size_mm": None, "training_crop": "center", "source": "test"}
 
 
 # ---------------------------------------------------------------------- inputs
@@ -86,7 +85,7 @@ def test_an_unreadable_file_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------------- preparation
-def test_recorded_preparation_is_the_training_crops_mean_pixel_size(tmp_path):
+def test_recorded_preparation_of_label_crops_is_their_mean_extent(tmp_path):
     import json
 
     cases = [{"split": "train", "crop_box": [10, 50, 0, 30], "slices_last_spacing": [1.5, 1.0, 2]},
@@ -97,14 +96,13 @@ def test_recorded_preparation_is_the_training_crops_mean_pixel_size(tmp_path):
     path = tmp_path / "dataset.json"
     path.write_text(json.dumps({"settings": settings, "cases": cases}))
     got = predict.recorded_preparation(str(path))
-    # train: max(40 x 1.5, 30 x 1.0) = 60 mm; val: max(20 x 1.0, 40 x 2.0) = 80 mm; test not
-    # used; their mean 70 mm over 64 px
-    assert got["pixel_mm"] == pytest.approx(70.0 / 64)
+    # train: max(40 x 1.5, 30 x 1.0) = 60 mm; val: max(20 x 1.0, 40 x 2.0) = 80 mm; test not used
+    assert got["crop_size_mm"] == pytest.approx(70.0)
     assert (got["image_size"], got["slice_axis"], got["clip_lower"], got["clip_upper"]) == (
         64, "axial", 0.5, 99.0)
     path.write_text(json.dumps({"settings": dict(settings, crop="center", crop_size_mm=120.0),
                                 "cases": cases}))
-    assert predict.recorded_preparation(str(path))["pixel_mm"] == 120.0 / 64
+    assert predict.recorded_preparation(str(path))["crop_size_mm"] == 120.0
     path.write_text("{}")
     with pytest.raises(DataError, match="not a dataset.json of data/prepare.py"):
         predict.recorded_preparation(str(path))
