@@ -105,7 +105,8 @@ def _restore_for_test(model, config: dict, prefix: str | None, output_path: str,
         status.assert_existing_objects_matched()
     except AssertionError as err:
         raise ConfigError(f"TEST_MODEL: {prefix} does not match this network ({err})") from None
-    logger.info(f"testing checkpoint {prefix}")
+    logger.info(f"testing checkpoint {prefix}" if config["PHASE"] in ("test", "train_test")
+                else f"restored checkpoint {prefix}")
     return prefix
 
 
