@@ -97,7 +97,8 @@ def training_dataset_json(config: dict, modality: str) -> str | None:
     return path if os.path.isfile(path) else None
 
 
-def _restore_for_test(model, config: dict, prefix: str | None, output_path: str, logger):
+def _restore_for_test(model, config: dict, prefix: str | None, output_path: str, logger,
+                      action: str = "testing"):
     """Restore the model weights of a checkpoint prefix (default: the run's latest)."""
     prefix = checkpoint_to_test(config, prefix, output_path)
     status = tf.train.Checkpoint(model=model_variables(model)).restore(prefix).expect_partial()
@@ -105,8 +106,7 @@ def _restore_for_test(model, config: dict, prefix: str | None, output_path: str,
         status.assert_existing_objects_matched()
     except AssertionError as err:
         raise ConfigError(f"TEST_MODEL: {prefix} does not match this network ({err})") from None
-    logger.info(f"testing checkpoint {prefix}" if config["PHASE"] in ("test", "train_test")
-                else f"restored checkpoint {prefix}")
+    logger.info(f"{action} checkpoint {prefix}")
     return prefix
 
 
@@ -250,7 +250,7 @@ def _predict(config: dict, network: Network, strategy) -> list[dict]:
                    else "none (the whole plane)") + f") -> {out_dir}")
     with strategy.scope():
         model = network.build_model(config)
-    _restore_for_test(model, config, prefix, output_path, logger)
+    _restore_for_test(model, config, prefix, output_path, logger, "segmenting with")
     return predict.predict_scans(network.predictor(model, config), modality, scans, out_dir,
                                  preparation, config["CLASS_NAMES"], log=logger.info,
                                  progress=config["PROGRESS"],
@@ -272,6 +272,6 @@ def _export(config: dict, network: Network, strategy) -> str:
     logger = get_logger(None)
     with strategy.scope():
         model = network.build_model(config)
-    _restore_for_test(model, config, prefix, output_path, logger)
+    _restore_for_test(model, config, prefix, output_path, logger, "exporting")
     return export.export_saved_model(model, {**config, "TEST_MODEL": prefix}, path,
                                      preparation or None, log=logger.info)
