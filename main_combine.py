@@ -22,7 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep errors to one readabl
 # bookkeeping) are in lib/settings.py; write one here again to change it for 2D only.
 
 # --- what to run
-PRESET = "demo"              # "demo" | "paper" | "abdomen" | "custom" (values below as written)
+PRESET = "demo"              # "demo" | "paper" | "abdomen" | "heldout" | "custom" (values below as written)
 PHASE = "train_test"         # "train", "test", "train_test", "predict" (new scans) or "export" (SavedModel)
 OUTPUT_PATH = "output/2d_paper"  # checkpoints, logs, config.json and results/ go here
 
@@ -56,6 +56,7 @@ CHECK_DATA = True            # read every training record once before training (
 _DEMO = "data/generated/demo"       # where the demo (phantom) data are generated
 _DEMO_SEED = 0                      # the demo data are the same whatever SEED (which seeds training)
 _ABDOMEN = "data/generated/abdomen"  # where README's commands prepare the real abdominal pair
+_HELDOUT = "output/compare_heldout/data"  # where experiments/compare.py --preset=heldout prepares its folds
 PRESETS = {
     "custom": {},
     # the released MM-WHS slices as the original read them: its one-hot gave their label
@@ -78,6 +79,16 @@ PRESETS = {
         TARGET_TRAIN_LIST=f"{_ABDOMEN}/ct_train/train_list.txt", TARGET_VAL_LIST="",
         SOURCE_TEST_LIST=f"{_ABDOMEN}/mr_test/test_list.txt",
         TARGET_TEST_LIST=f"{_ABDOMEN}/ct_test/test_list.txt"),
+    # real held-out patients (README, "Real held-out patients"): MR fold 0 of the CHAOS
+    # patients, CT ct_0001 -> the DICOM patient; experiments/compare.py sets each fold's lists
+    "heldout": dict(
+        OUTPUT_PATH="output/heldout", IMAGE_SIZE=64, FEATURE_BASE=8, BATCH_SIZE=4,
+        NUM_STEPS=600, LR_DECAY_STEPS=60, CHECKPOINT_SPACE=300, DISPLAY_STEP=300,
+        AUGMENT=True, CLASS_NAMES=["liver", "right_kidney", "left_kidney", "spleen"],
+        SOURCE_TRAIN_LIST=f"{_HELDOUT}/mr_fold0/train_list.txt", SOURCE_VAL_LIST="",
+        TARGET_TRAIN_LIST=f"{_HELDOUT}/ct/train_list.txt", TARGET_VAL_LIST="",
+        SOURCE_TEST_LIST=f"{_HELDOUT}/mr_fold0/test_list.txt",
+        TARGET_TEST_LIST=f"{_HELDOUT}/ct/test_list.txt"),
 }
 
 _ROOT = os.path.dirname(os.path.abspath(__file__))

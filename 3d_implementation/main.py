@@ -25,7 +25,7 @@ sys.path[:0] = [p for p in (os.path.dirname(os.path.dirname(os.path.abspath(__fi
 # bookkeeping) are in lib/settings.py; write one here again to change it for 3D only.
 
 # --- what to run
-PRESET = "demo"              # "demo" | "paper" | "custom" (values below as written)
+PRESET = "demo"              # "demo" | "paper" | "heldout" | "custom" (values below as written)
 PHASE = "train"              # "train", "test", "train_test", "predict" or "export" (test.py sets "test")
 OUTPUT_PATH = "output/3d_paper"  # checkpoints, logs, config.json and results/ go here
 
@@ -57,6 +57,7 @@ TEST_BATCH = 2               # windows per forward pass at test time
 _DEMO = "data/generated/demo"       # where the demo (phantom) data are generated
 _DEMO_SEED = 0                      # the demo data are the same whatever SEED (which seeds training)
 _DEMO_IMAGE_SIZE = 64               # in-plane size of the demo data (shared with the 2D demo)
+_HELDOUT = "output/compare3d_heldout/data"  # where experiments/compare.py --network=3d --preset=heldout prepares its folds
 PRESETS = {
     "custom": {},
     # the original's abdominal 3D setting: its one-hot gave labels outside the classes no
@@ -73,6 +74,16 @@ PRESETS = {
         TARGET_TRAIN_LIST=f"{_DEMO}/ct/train_volume_list.txt",
         TARGET_VAL_LIST=f"{_DEMO}/ct/val_volume_list.txt",
         SOURCE_TEST_LIST=f"{_DEMO}/mr/test_list.txt", TARGET_TEST_LIST=f"{_DEMO}/ct/test_list.txt"),
+    # real held-out patients (README, "Real held-out patients"): MR fold 0 of the CHAOS
+    # patients, CT ct_0001 -> the DICOM patient; experiments/compare.py sets each fold's lists
+    "heldout": dict(
+        OUTPUT_PATH="output/heldout3d", PATCH_SIZE=[64, 64, 8], FEATURE_BASE=8, BATCH_SIZE=2,
+        NUM_STEPS=400, LEARNING_RATE=1e-3, LR_DECAY_STEPS=40, CHECKPOINT_SPACE=200,
+        DISPLAY_STEP=200, CLASS_NAMES=["liver", "right_kidney", "left_kidney", "spleen"],
+        SOURCE_TRAIN_LIST=f"{_HELDOUT}/mr_fold0/train_volume_list.txt", SOURCE_VAL_LIST="",
+        TARGET_TRAIN_LIST=f"{_HELDOUT}/ct/train_volume_list.txt", TARGET_VAL_LIST="",
+        SOURCE_TEST_LIST=f"{_HELDOUT}/mr_fold0/test_list.txt",
+        TARGET_TEST_LIST=f"{_HELDOUT}/ct/test_list.txt"),
 }
 
 _HERE = os.path.dirname(os.path.abspath(__file__))

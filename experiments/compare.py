@@ -16,6 +16,15 @@ average Dice over the classes.
     python experiments/compare.py --preset=demo --seeds=3
     python experiments/compare.py --preset=demo --seeds=1 --num_steps=600 --schemes=ummkd,joint
     python experiments/compare.py --network=3d --preset=demo --seeds=1
+    python experiments/compare.py --preset=heldout --seeds=1      # real held-out patients
+
+With ``--preset=heldout`` (experiments/heldout.py) the runs are schemes x seeds x folds on real
+patients: the CHAOS MR patients of ../shared in ``--folds`` folds (each tested once), the CT of
+abdomen_real trained on and the DICOM patient tested in every fold; OUTPUT_PATH =
+<out>/<scheme>/seed<k>/fold<f>. It writes the per-patient results (comparison.csv), the
+tables with the Wilcoxon signed-rank test of UMMKD against each baseline over patients
+(comparison.md) and the per-patient figure (comparison.png). The last checkpoint of every run
+is tested: no model is chosen on the test patients.
 
 Any other --name=value is a setting of the entry script (see `python main_combine.py
 --help`) and is passed to every run. Relative paths are relative to the repository root.
@@ -31,6 +40,8 @@ import os
 import subprocess
 import sys
 import time
+
+import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -157,9 +168,12 @@ def trained_beyond(config: dict) -> int | None:
 
 
 def run_one(network: str, preset: str, scheme: str, seed: int, out: str, overrides,
-            log=print, start_over: bool = False) -> tuple[str, float]:
-    """Train and test one scheme+seed in a child process; returns (status, seconds)."""
-    path = run_dir(out, scheme, seed)
+            log=print, start_over: bool = False, path: str | None = None,
+            name: str | None = None) -> tuple[str, float]:
+    """Train and test one scheme+seed (in ``path``, default run_dir) in a child process;
+    returns (status, seconds)."""
+    path = path or run_dir(out, scheme, seed)
+    name = name or f"{scheme} seed {seed}"
     args = [sys.executable, SCRIPTS[network], f"--preset={preset}", f"--scheme={scheme}",
             f"--seed={seed}", f"--output_path={path}", "--phase=train_test",
             *overrides]
@@ -170,7 +184,7 @@ def run_one(network: str, preset: str, scheme: str, seed: int, out: str, overrid
     os.makedirs(os.path.dirname(path), exist_ok=True)
     stdout_path = path + ".log"
     t0 = time.time()
-    log(f"[{time.strftime('%H:%M:%S')}] {scheme} seed {seed}: training and testing "
+    log(f"[{time.strftime('%H:%M:%S')}] {name}: training and testing "
         f"(log: {os.path.relpath(stdout_path, ROOT)})")
     with open(stdout_path, "a", encoding="utf-8") as handle:
         handle.write(f"$ {' '.join(args)}\n")
@@ -180,10 +194,10 @@ def run_one(network: str, preset: str, scheme: str, seed: int, out: str, overrid
     if code != 0:
         with open(stdout_path, encoding="utf-8", errors="replace") as handle:
             tail = handle.read().strip().splitlines()[-5:]
-        log(f"  {scheme} seed {seed} FAILED (exit {code}) after {seconds:.0f} s:\n    "
+        log(f"  {name} FAILED (exit {code}) after {seconds:.0f} s:\n    "
             + "\n    ".join(tail))
         return "failed", seconds
-    log(f"  {scheme} seed {seed}: done in {seconds:.0f} s")
+    log(f"  {name}: done in {seconds:.0f} s")
     return "trained", seconds
 
 
@@ -366,6 +380,8 @@ def parse_args(argv):
                         help="comma-separated schemes (default: all: %(default)s)")
     parser.add_argument("--network", default="2d", choices=sorted(SCRIPTS),
                         help="2d (main_combine.py) or 3d (3d_implementation/main.py)")
+    parser.add_argument("--folds", type=int, default=4,
+                        help="--preset=heldout: folds over the CHAOS MR patients (default: 4)")
     parser.add_argument("--out", default=None,
                         help="output folder (default: output/compare_<preset>, "
                              "output/compare3d_<preset> for 3d)")
@@ -392,6 +408,8 @@ def parse_args(argv):
 
 def main(argv=None, log=print) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.preset == "heldout":
+        return compare_heldout(args, overrides, log)
     t_start = time.time()
     seeds = list(range(args.seeds))
     try:
@@ -469,6 +487,142 @@ def main(argv=None, log=print) -> int:
     if failed:
         print(f"error: runs failed: {', '.join(failed)} (see their .log files)",
               file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------- held-out patients
+def _fold_lists(lists: dict, fold: int) -> list[str]:
+    return [f"--source_train_list={lists['mr'][fold]['train']}", "--source_val_list=",
+            f"--source_test_list={lists['mr'][fold]['test']}",
+            f"--target_train_list={lists['ct']['train']}", "--target_val_list=",
+            f"--target_test_list={lists['ct']['test']}"]
+
+
+def heldout_tables(rows, schemes, classes, params, notes) -> str:
+    """comparison.md of the held-out comparison: per protocol, modality and organ the mean
+    ± std over held-out patients per scheme, then UMMKD against each baseline (Wilcoxon)."""
+    from experiments import heldout
+
+    lines = ["# Sharing schemes on real held-out patients", ""] + [f"{n}  " for n in notes] + [""]
+    for protocol, what in (("prepared", "the prepared test volumes (label crop; the paper's "
+                                        "protocol)"),
+                           ("scan", "each scan's own geometry (whole scan, label-free crop)")):
+        for modality in ("mr", "ct"):
+            header = ["scheme", "parameters", *classes, "average"]
+            lines += [f"## {modality.upper()} Dice on {what}: mean ± std over the tests "
+                      "(patients x seeds x folds that tested them; n tests, patients)", "",
+                      "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+            for s in schemes:
+                row = [s, f"{params[s]:,}" if s in params else "?"]
+                for organ in [*classes, None]:
+                    found = heldout.tests(rows, protocol, modality, s, organ)
+                    values = list(found.values())
+                    row.append(f"{np.mean(values):.3f} ± {np.std(values):.3f} ({len(values)}, "
+                               f"{len({c for c, _, _ in found})})" if values else "absent")
+                lines.append("| " + " | ".join(row) + " |")
+            lines.append("")
+            if "ummkd" not in schemes:
+                continue
+            lines += [f"UMMKD against each baseline ({modality.upper()}, {protocol}): mean "
+                      "Dice difference, Wilcoxon signed-rank p (two-sided), patients", "",
+                      "| baseline | " + " | ".join([*classes, "average"]) + " |",
+                      "|---|" + "|".join("---" for _ in range(len(classes) + 1)) + "|"]
+            for s in schemes:
+                if s == "ummkd":
+                    continue
+                cells = []
+                for organ in [*classes, None]:
+                    t = heldout.paired_test(
+                        heldout.per_patient(rows, protocol, modality, "ummkd", organ),
+                        heldout.per_patient(rows, protocol, modality, s, organ))
+                    cells.append("absent" if not t["n"] else
+                                 f"{t['mean_difference']:+.3f}, p "
+                                 + ("n/a" if t["p"] is None else f"{t['p']:.3g}")
+                                 + f" (n={t['n']})")
+                lines.append(f"| {s} | " + " | ".join(cells) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def compare_heldout(args, overrides, log=print) -> int:
+    """``--preset=heldout``: prepare the folds, train and test every scheme x seed x fold,
+    then write comparison.csv (per patient), comparison.md and comparison.png."""
+    from experiments import heldout
+
+    t_start = time.time()
+    seeds = list(range(args.seeds))
+    try:
+        base = run_config(args.network, "heldout", overrides)
+        split_files = heldout.splits(args.out, args.folds)
+        size = base["IMAGE_SIZE"] if args.network == "2d" else base["PATCH_SIZE"][0]
+        lists = heldout.prepare_data(args.out, split_files, int(size), log,
+                                     train_volumes=args.network == "3d")
+        runs = {}
+        for f in range(args.folds):
+            fold_args = [*overrides, *_fold_lists(lists, f)]
+            for s in args.schemes:
+                for k in seeds:
+                    path = os.path.join(run_dir(args.out, s, k), f"fold{f}")
+                    runs[(s, k, f)] = (fold_args, path, run_config(
+                        args.network, "heldout", fold_args, scheme=s, seed=k,
+                        output_path=path, phase="train_test"))
+        params = parameter_counts(args.network, overrides, "heldout", args.schemes)
+    except (ConfigError, heldout.HeldOutError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    log(f"held-out comparison: {len(args.schemes)} schemes x {len(seeds)} seeds x "
+        f"{args.folds} folds ({args.network}, {base['NUM_STEPS']} steps) in "
+        f"{os.path.relpath(args.out, ROOT)}")
+    log("trainable parameters: " + ", ".join(f"{s} {n:,}" for s, n in params.items()))
+    status = {}
+    for (s, k, f), (fold_args, path, config) in runs.items():
+        name = f"{s} seed {k} fold {f}"
+        done, why = is_done(config)
+        if done:
+            log(f"skipping {name}: {why}")
+            status[(s, k, f)] = "skipped"
+            continue
+        other = trained_otherwise(config)
+        if other is not None:
+            log(f"{name}: the run in its folder was {other}; moving it aside and training again")
+        status[(s, k, f)], seconds = run_one(args.network, "heldout", s, k, args.out, fold_args,
+                                             log, start_over=other is not None, path=path,
+                                             name=name)
+        if status[(s, k, f)] == "trained":
+            _record_time(args.out, f"{s}/seed{k}/fold{f}", seconds)
+
+    absent = {"ct": heldout.absent_classes(os.path.join(args.out, "data", "ct", "dataset.json"))}
+    rows = []
+    for (s, k, f), (_, path, config) in runs.items():
+        absent["mr"] = heldout.absent_classes(
+            os.path.join(args.out, "data", f"mr_fold{f}", "dataset.json"))
+        metrics_path = os.path.join(path, "results", "metrics.json")
+        if os.path.isfile(metrics_path):
+            with open(metrics_path, encoding="utf-8") as handle:
+                rows += heldout.patient_rows(json.load(handle), absent, scheme=s, seed=k,
+                                             fold=f)
+    heldout.write_rows(os.path.join(args.out, "comparison.csv"), rows)
+    times = _read_times(args.out)
+    notes = [f"command: `python experiments/compare.py --preset=heldout --seeds={args.seeds} "
+             f"--folds={args.folds} --network={args.network} --schemes={','.join(args.schemes)}"
+             + "".join(f" {o}" for o in overrides) + "`",
+             f"{base['NUM_STEPS']} steps, batch {base['BATCH_SIZE']} per modality, "
+             f"augmentation {base['AUGMENT'] if 'AUGMENT' in base else 'n/a'}, seeds {seeds}; "
+             "the last checkpoint of every run is tested",
+             "MR: CHAOS T2-SPIR patients, each tested by the models of its fold; CT: trained "
+             "on ct_0001, tested on the DICOM patient in every fold (its values averaged over "
+             "folds and seeds); kidneys absent from it are reported as absent",
+             f"training and testing: {sum(times.get(f'{s}/seed{k}/fold{f}', 0) for s, k, f in runs):.0f} s "
+             f"of runs, wall time of this invocation {time.time() - t_start:.0f} s"]
+    text = heldout_tables(rows, args.schemes, base["CLASS_NAMES"], params, notes)
+    write_text(os.path.join(args.out, "comparison.md"), text + "\n")
+    heldout.paired_figure(os.path.join(args.out, "comparison.png"), rows, "prepared",
+                          args.schemes, title="Per-patient Dice, held-out patients")
+    log(text)
+    failed = [f"{s}/seed{k}/fold{f}" for (s, k, f), st in status.items() if st == "failed"]
+    if failed:
+        print(f"error: runs failed: {', '.join(failed)} (see their .log files)", file=sys.stderr)
         return 1
     return 0
 
