@@ -253,15 +253,18 @@ def paired_figure(path: str, rows, protocol: str, schemes, pair=("ummkd", "separ
     for k, modality in enumerate(("mr", "ct")):
         ax = fig.add_subplot(1, 2, k + 1)
         points = {s: per_patient(rows, protocol, modality, s) for s in schemes}
+        cases = sorted({c for p in points.values() for c in p})
+        # each patient at the same small offset in every column, so that lines meet its points
+        offset = dict(zip(cases, np.linspace(-0.12, 0.12, len(cases)) if len(cases) > 1
+                          else [0.0] * len(cases)))
         for i, s in enumerate(schemes):
-            ys = list(points[s].values())
-            xs = i + np.linspace(-0.12, 0.12, len(ys)) if len(ys) > 1 else [i] * len(ys)
-            ax.scatter(xs, ys, s=14, color=_MODALITY_COLORS[i % len(_MODALITY_COLORS)],
-                       zorder=3)
+            ax.scatter([i + offset[c] for c in points[s]], list(points[s].values()), s=14,
+                       color=_MODALITY_COLORS[i % len(_MODALITY_COLORS)], zorder=3)
         if all(p in schemes for p in pair):
             ia, ib = schemes.index(pair[0]), schemes.index(pair[1])
             for case in sorted(set(points[pair[0]]) & set(points[pair[1]])):
-                ax.plot([ia, ib], [points[pair[0]][case], points[pair[1]][case]],
+                ax.plot([ia + offset[case], ib + offset[case]],
+                        [points[pair[0]][case], points[pair[1]][case]],
                         color="0.6", linewidth=0.7, zorder=2)
         ax.set_xticks(range(len(schemes)))
         ax.set_xticklabels(schemes, rotation=30, ha="right", fontsize=8)
