@@ -119,3 +119,13 @@ def test_the_tables_report_absent_classes_and_the_paired_tests():
     # CT: the patient's two tests (0.7, 0.8 for UMMKD), kidney absent, no test with 1 patient
     assert "| ummkd | 10 | 0.750 ± 0.050 (2, 1) | absent | 0.750 ± 0.050 (2, 1) |" in text
     assert "| joint | +0.100, p n/a (n=1) | absent | +0.100, p n/a (n=1) |" in text
+
+
+def test_the_per_patient_figure_is_drawn(tmp_path):
+    rows = [{"scheme": s, "seed": 0, "fold": 0, "protocol": "prepared", "modality": m,
+             "case": f"p{i}", "class": "liver", "absent": False, "dice": 0.5 + 0.1 * i,
+             "assd": 1.0, "hd95": 2.0}
+            for s in ("ummkd", "separate_bn") for m in ("mr", "ct") for i in range(3)]
+    path = tmp_path / "comparison.png"
+    heldout.paired_figure(str(path), rows, "prepared", ["ummkd", "separate_bn"], title="t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
