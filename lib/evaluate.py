@@ -267,10 +267,11 @@ def _save_labels(path: str, labels: np.ndarray, record: dict | None, affine) -> 
         nib.save(img, tmp)
 
 
-def score_in_scan_geometry(predict, modality: str, record: dict, preparation: dict,
-                           classes: dict, pred_path: str) -> dict | None:
+def score_in_scan_geometry(predict, modality: str, record: dict, gt_path: str,
+                           preparation: dict, classes: dict, pred_path: str) -> dict | None:
     """Metrics of one test case in its original scan's geometry, or None when the scan or
-    its full-resolution ground truth (data/prepare.py's ``<case>_gt.nii.gz``) is missing.
+    its full-resolution ground truth ``gt_path`` (data/prepare.py's ``<case>_gt.nii.gz``) is
+    missing.
 
     The original scan is segmented as PHASE "predict" would segment it (lib.predict:
     prepared by ``preparation``, the training data's, with the label-free crop, and put
@@ -281,9 +282,7 @@ def score_in_scan_geometry(predict, modality: str, record: dict, preparation: di
 
     from lib.predict import segment_scan
 
-    gt_path = os.path.join(record["_folder"], record.get("files", {}).get("gt", ""))
-    if not (os.path.isfile(record.get("image", "")) or os.path.isdir(record.get("image", ""))) \
-            or not os.path.isfile(gt_path):
+    if not os.path.exists(record.get("image", "")) or not os.path.isfile(gt_path):
         return None
     labels, _ = segment_scan(predict, modality, record["image"], preparation)
     with atomic_path(pred_path) as tmp:
@@ -354,6 +353,8 @@ def evaluate(predict, test_lists: dict, class_names: list[str], output_path: str
                 paper_cases.append({"case": volume.name, **metrics.evaluate_case(
                     covered, volume.label, None, classes, protocol="paper")})
             stem = os.path.join(pred_dir, volume.name)
+            exact_gt = (os.path.join(record["_folder"], record["files"]["gt"])
+                        if record is not None and record.get("files", {}).get("gt") else "")
             # labels of no class are written as background, as the original did
             gt = np.where((volume.label >= 0) & (volume.label < n_class), volume.label, 0)
             # on the volume's own grid, in the file's layout; restore_prediction takes the
@@ -361,8 +362,6 @@ def evaluate(predict, test_lists: dict, class_names: list[str], output_path: str
             back = (lambda a: np.flip(a, (0, 1))) if volume.flipped and record is None else (
                 lambda a: a)
             _save_labels(stem + "_pred.nii.gz", back(pred), record, volume.affine)
-            exact_gt = (os.path.join(record["_folder"], record["files"]["gt"])
-                        if record is not None and record.get("files", {}).get("gt") else "")
             if os.path.isfile(exact_gt):
                 # data preparation wrote the mapped labels at full resolution: use them
                 shutil.copyfile(exact_gt, stem + "_gt.nii.gz")
@@ -375,8 +374,8 @@ def evaluate(predict, test_lists: dict, class_names: list[str], output_path: str
                 shown = True
             scored = None
             if preparation is not None and record is not None:
-                scored = score_in_scan_geometry(predict, modality, record, preparation,
-                                                classes, stem + "_scan.nii.gz")
+                scored = score_in_scan_geometry(predict, modality, record, exact_gt,
+                                                preparation, classes, stem + "_scan.nii.gz")
                 if scored is not None:
                     scan_cases.append({"case": volume.name, **scored})
             log(f"  {modality} {volume.name}: Dice " + ", ".join(

@@ -208,8 +208,8 @@ def _run(config: dict, network: Network, lock: RunLock) -> dict | None:
 
     predict = network.predictor(model, config)
     from lib.predict import recorded_preparation
-    preparations = {m: recorded_preparation(training_dataset_json(config, m))
-                    for m in lists if training_dataset_json(config, m)}
+    preparations = {m: recorded_preparation(found) for m in lists
+                    if (found := training_dataset_json(config, m))}
     coverage = None
     if network.paper_coverage is not None:
         coverage = lambda depth: network.paper_coverage(config, depth)
@@ -267,8 +267,8 @@ def _export(config: dict, network: Network, strategy) -> str:
     path = config["EXPORT_PATH"] or os.path.join(output_path, "saved_model")
     export.refuse_existing(path)  # before any work
     prefix = checkpoint_to_test(config, config["TEST_MODEL"] or None, output_path)
-    preparation = {m: predict.recorded_preparation(training_dataset_json(config, m))
-                   for m in MODALITY_LISTS if training_dataset_json(config, m)}
+    preparation = {m: predict.recorded_preparation(found) for m in MODALITY_LISTS
+                   if (found := training_dataset_json(config, m))}
     logger = get_logger(None)
     with strategy.scope():
         model = network.build_model(config)
