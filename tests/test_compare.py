@@ -203,6 +203,17 @@ def test_bad_arguments_are_refused(capsys, tmp_path):
     assert not os.path.exists(tmp_path / "cmp")
 
 
+@pytest.mark.parametrize("argv, schemes", [
+    ([], list(SCHEMES)),
+    (["--preset=heldout"], ["ummkd", "separate_bn", "joint", "individual"]),
+    (["--preset=heldout", "--schemes=y_shape,ummkd"], ["y_shape", "ummkd"]),
+])
+def test_default_schemes(argv, schemes):
+    # the held-out comparison's default is the paper's four, the measured README command
+    args, _ = compare.parse_args(argv)
+    assert args.schemes == schemes
+
+
 def test_a_run_trained_past_num_steps_is_started_over(tmp_path):
     import tensorflow as tf
 
