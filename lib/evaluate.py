@@ -5,7 +5,8 @@ Every voxel of every test volume is predicted through its modality's BN branch:
 * 3D: overlapping slabs along depth (and in-plane tiles when the volume is larger than the
   patch), with the softmax averaged where windows overlap.
 Then Dice, ASSD and HD95 per class and case (lib/metrics.py), and under
-OUTPUT_PATH/results/: metrics.json, metrics.csv, predictions/<case>_pred.nii.gz and
+OUTPUT_PATH/results/: metrics.json, metrics.csv, predictions/<case>_pred.nii.gz (a name that
+two test cases share gets its modality in front: ``prediction_stems``) and
 <case>_gt.nii.gz (in the geometry of the original scan when data preparation recorded it in
 dataset.json next to the test list, else in the test file's own grid and layout), and
 figures/. With PAPER_PROTOCOL, the same predictions are also scored as the published
@@ -226,6 +227,28 @@ def load_test_volumes(list_path: str, flip: str = "npz") -> list[tuple[Volume, d
     return out
 
 
+def prediction_stems(test_lists: dict) -> dict[str, list[str]]:
+    """{modality: [file stem per test-list entry]}: the case name, unless another entry of
+    any modality has the same name; then ``<modality>_<name>``, and ``_<k>`` (1, 2, ...)
+    after it where one modality repeats a name. So no prediction overwrites another."""
+    names = {m: [case_name(e.split(",")[0]) for e in read_list(p)] for m, p in test_lists.items()}
+    counts: dict[str, int] = {}
+    for name in (n for ns in names.values() for n in ns):
+        counts[name] = counts.get(name, 0) + 1
+    stems = {}
+    for modality, ns in names.items():
+        seen: dict[str, int] = {}
+        stems[modality] = []
+        for name in ns:
+            if counts[name] == 1:
+                stems[modality].append(name)
+                continue
+            seen[name] = seen.get(name, 0) + 1
+            repeats = ns.count(name) > 1
+            stems[modality].append(f"{modality}_{name}" + (f"_{seen[name]}" if repeats else ""))
+    return stems
+
+
 def count_test_labels(volumes, n_class: int) -> LabelCount:
     """The labels of test volumes (Volume objects) counted against 0..n_class-1, naming
     each volume by its label file."""
@@ -324,6 +347,7 @@ def evaluate(predict, test_lists: dict, class_names: list[str], output_path: str
     n_class = len(class_names) + 1
     report = {"checkpoint": checkpoint, "classes": list(class_names)}
     paper, scan = {}, {}
+    stems = prediction_stems(test_lists)
     for modality, list_path in test_lists.items():
         cases, paper_cases, scan_cases, shown, unit = [], [], [], False, "mm"
         preparation = (preparations or {}).get(modality)
@@ -334,8 +358,9 @@ def evaluate(predict, test_lists: dict, class_names: list[str], output_path: str
         if flipped:
             log(f"  {modality}: {flipped} of {len(volumes)} test volumes flipped on axes 0 "
                 f"and 1 to the training slices' layout (TEST_FLIP={flip})")
-        for volume, record in tqdm(volumes, desc=f"test {modality}", disable=not progress,
-                                   dynamic_ncols=True):
+        for (volume, record), stem in tqdm(zip(volumes, stems[modality]),
+                                           desc=f"test {modality}", total=len(volumes),
+                                           disable=not progress, dynamic_ncols=True):
             if "note" in volume.meta:  # a label re-indexed onto its image's grid
                 log(f"  {modality}: {volume.meta['note']}")
             if volume.spacing is None and unit == "mm":
@@ -352,7 +377,7 @@ def evaluate(predict, test_lists: dict, class_names: list[str], output_path: str
                     coverage(pred.shape[2])[None, None, :], pred, 0)
                 paper_cases.append({"case": volume.name, **metrics.evaluate_case(
                     covered, volume.label, None, classes, protocol="paper")})
-            stem = os.path.join(pred_dir, volume.name)
+            stem = os.path.join(pred_dir, stem)
             exact_gt = (os.path.join(record["_folder"], record["files"]["gt"])
                         if record is not None and record.get("files", {}).get("gt") else "")
             # labels of no class are written as background, as the original did

@@ -303,3 +303,19 @@ def test_validate_tfrecords_counts_good_files_and_names_every_bad_one(tmp_path):
     assert message.startswith("list.txt: 2 bad TFRecord file(s): ")
     assert truncated in message and not_an_example in message
     assert paths[0] not in message and paths[2] not in message
+
+
+@pytest.mark.parametrize("ct, mr, expected", [
+    (["a", "b"], ["c"], {"ct": ["a", "b"], "mr": ["c"]}),
+    (["a", "b"], ["b"], {"ct": ["a", "ct_b"], "mr": ["mr_b"]}),
+    (["x/a", "y/a"], ["b"], {"ct": ["ct_a_1", "ct_a_2"], "mr": ["b"]}),
+])
+def test_prediction_stems_never_share_a_file(tmp_path, ct, mr, expected):
+    from lib.evaluate import prediction_stems
+
+    lists = {}
+    for modality, names in (("ct", ct), ("mr", mr)):
+        lists[modality] = str(tmp_path / f"{modality}.txt")
+        with open(lists[modality], "w", encoding="utf-8") as handle:
+            handle.writelines(f"{n}_image.nii.gz,{n}_label.nii.gz\n" for n in names)
+    assert prediction_stems(lists) == expected
