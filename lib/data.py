@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import tensorflow as tf
 
-from lib import geometry
 from lib.files import atomic_path, write_text
 
 RELEASED_LABEL_CHANNELS = 3  # the released files store the label as [H, W, 3]
@@ -518,8 +517,13 @@ def case_name(path: str) -> str:
     return name
 
 
-def load_volume(entry: str, flip: bool | None = None) -> Volume:
+def load_volume(entry: str, flip: bool | None = None, label_resample: str = "none") -> Volume:
     """Load one volume-list entry: ``image.nii.gz,label.nii.gz`` or ``case.npz``.
+
+    A NIfTI label meets its image through lib.prep.label_onto_image: re-indexed exactly when
+    it holds the same voxels in another axis order or direction, resampled by nearest
+    neighbour onto another grid only with ``label_resample="nearest"`` (LABEL_RESAMPLE),
+    else a DataError naming the label file. ``meta["note"]`` says what was done.
 
     ``flip`` flips axes 0 and 1 of image and label (``Volume.flipped`` records it). None:
     the format's own layout: the original .npz test files store arr_0 = image and arr_1 =
@@ -527,6 +531,8 @@ def load_volume(entry: str, flip: bool | None = None) -> Volume:
     back; NIfTI files are taken as they are.
     """
     import nibabel as nib  # imported here so that training-only runs do not need it loaded
+
+    from lib.prep import label_onto_image  # lib.prep imports this module
 
     flip = entry.endswith(".npz") if flip is None else bool(flip)
 
@@ -561,18 +567,10 @@ def load_volume(entry: str, flip: bool | None = None) -> Volume:
     image = image.astype(np.float32, copy=False)
     label = np.rint(label).astype(np.int32)
     meta = {"label_file": parts[1]}
-    tol = 1e-3 * float(np.max(img.header.get_zooms()[:3]))
-    if image.shape != label.shape or not np.allclose(img.affine, lab.affine, atol=tol):
-        alignment = geometry.grid_alignment(lab.affine, label.shape, img.affine, image.shape)
-        if alignment is None and image.shape != label.shape:
-            raise DataError(f"{parts[1]}: label shape {label.shape} differs from image "
-                            f"shape {image.shape}")
-        if alignment is None:
-            raise DataError(f"{parts[1]}: label geometry differs from image {parts[0]} (not "
-                            "the same voxels in another axis order or direction)")
-        label = geometry.apply_alignment(label, alignment)
-        meta["note"] = (f"{parts[1]}: brought onto the grid of {parts[0]} exactly "
-                        f"({geometry.describe(alignment)}, no interpolation)")
+    label, notes = label_onto_image(label, lab.affine, parts[1], image.shape, img.affine,
+                                    parts[0], resample=label_resample)
+    if notes:
+        meta["note"] = "; ".join(notes)
     spacing = tuple(float(s) for s in img.header.get_zooms()[:3])
     return oriented(Volume(case_name(parts[0]), image, label, spacing, img.affine, meta=meta))
 
@@ -761,9 +759,11 @@ def slab_dataset(bank: VolumeBank, patch, batch_size: int, seed: int = 0,
 
 
 def load_training_volumes(list_path: str, n_class: int | None = None,
-                          out_of_range: str = "error", what: str = ""
+                          out_of_range: str = "error", what: str = "",
+                          label_resample: str = "none"
                           ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(image, label) arrays of every ``image,label`` entry of a volume list.
+    """(image, label) arrays of every ``image,label`` entry of a volume list (``load_volume``
+    with ``label_resample``).
 
     Labels outside 0..n_class-1 follow ``out_of_range`` (LabelCount.apply): an error naming
     the files, or one line reporting them, mapped to n_class (no class).
@@ -776,7 +776,7 @@ def load_training_volumes(list_path: str, n_class: int | None = None,
     out = []
     labels = LabelCount(n_class) if n_class is not None else None
     for entry in entries:
-        v = load_volume(entry)
+        v = load_volume(entry, label_resample=label_resample)
         check_volume(v, entry.split(",")[0])
         label = v.label
         if labels is not None and labels.add(label, entry.split(",")[1]).any():
@@ -801,7 +801,8 @@ def volume_training_data(config: dict, train_lists: dict, val_lists: dict,
 
     def stream(m, list_path, seed, start, part):
         volumes = load_training_volumes(list_path, config["N_CLASS"],
-                                        config["OUT_OF_RANGE_LABELS"], f"{m} {part} volumes")
+                                        config["OUT_OF_RANGE_LABELS"], f"{m} {part} volumes",
+                                        config["LABEL_RESAMPLE"])
         return slab_dataset(volume_bank(volumes, patch, config["N_CLASS"]), patch,
                             config["BATCH_SIZE"], seed, start)
 

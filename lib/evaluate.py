@@ -207,18 +207,20 @@ def _dataset_records(list_path: str) -> dict:
     return {}
 
 
-def load_test_volumes(list_path: str, flip: str = "npz") -> list[tuple[Volume, dict | None]]:
+def load_test_volumes(list_path: str, flip: str = "npz", label_resample: str = "none"
+                      ) -> list[tuple[Volume, dict | None]]:
     """Volumes of a test list with their dataset.json record (None when there is none).
 
     Each volume is flipped or not by the TEST_FLIP rule ``flip`` (see ``flips``). A volume
     whose file has no voxel size (.npz) takes the prepared spacing of its record, so that
-    surface distances are in mm either way.
+    surface distances are in mm either way. ``label_resample``: load_volume's.
     """
     records = _dataset_records(list_path)
     out = []
     for entry in read_list(list_path):
         record = records.get(case_name(entry.split(",")[0]))
-        volume = load_volume(entry, flip=flips(entry, record is not None, flip))
+        volume = load_volume(entry, flip=flips(entry, record is not None, flip),
+                             label_resample=label_resample)
         spacing = (record or {}).get("prepared", {}).get("spacing")
         if volume.spacing is None and spacing:
             # .npz files carry no geometry; data preparation recorded the prepared voxel size
@@ -319,7 +321,7 @@ def evaluate(predict, test_lists: dict, class_names: list[str], output_path: str
              checkpoint: str, log=print, log_path: str | None = None, *, flip: str = "npz",
              out_of_range: str = "error", paper_protocol: bool = False,
              coverage=None, preparations: dict | None = None,
-             progress: bool = False) -> dict:
+             progress: bool = False, label_resample: str = "none") -> dict:
     """Predict every test volume of every modality, score it and write the results.
 
     predict(modality, image [H, W, D]) -> labels [H, W, D]; test_lists maps modality ->
@@ -334,7 +336,8 @@ def evaluate(predict, test_lists: dict, class_names: list[str], output_path: str
     case whose original scan is recorded in its dataset.json in that scan's own geometry
     (``score_in_scan_geometry``), written as ``scan_geometry`` in metrics.json and
     metrics_scan_geometry.csv, the masks as predictions/<case>_scan.nii.gz.
-    ``progress``: a progress bar over the test volumes. Returns the metrics.json dict.
+    ``progress``: a progress bar over the test volumes. ``label_resample``: LABEL_RESAMPLE
+    (load_volume). Returns the metrics.json dict.
     """
     from tqdm import tqdm
 
@@ -351,7 +354,7 @@ def evaluate(predict, test_lists: dict, class_names: list[str], output_path: str
     for modality, list_path in test_lists.items():
         cases, paper_cases, scan_cases, shown, unit = [], [], [], False, "mm"
         preparation = (preparations or {}).get(modality)
-        volumes = load_test_volumes(list_path, flip=flip)
+        volumes = load_test_volumes(list_path, flip=flip, label_resample=label_resample)
         count_test_labels([v for v, _ in volumes], n_class).apply(
             out_of_range, f"{modality} test volumes", log)
         flipped = sum(v.flipped for v, _ in volumes)

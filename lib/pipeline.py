@@ -149,7 +149,8 @@ def _run(config: dict, network: Network, lock: RunLock) -> dict | None:
         for m in lists:
             check_list_files(lists[m]["test"])
             if phase == "train_test" and config["OUT_OF_RANGE_LABELS"] == "error":
-                volumes = [v for v, _ in load_test_volumes(lists[m]["test"])]
+                volumes = [v for v, _ in load_test_volumes(
+                    lists[m]["test"], label_resample=config["LABEL_RESAMPLE"])]
                 count_test_labels(volumes, config["N_CLASS"]).apply("error",
                                                                     f"{m} test volumes")
     training = phase in ("train", "train_test")
@@ -218,7 +219,8 @@ def _run(config: dict, network: Network, lock: RunLock) -> dict | None:
                     log_path=os.path.join(output_path, LOG_FILE), flip=config["TEST_FLIP"],
                     out_of_range=config["OUT_OF_RANGE_LABELS"],
                     paper_protocol=config["PAPER_PROTOCOL"], coverage=coverage,
-                    preparations=preparations, progress=config["PROGRESS"])
+                    preparations=preparations, progress=config["PROGRESS"],
+                    label_resample=config["LABEL_RESAMPLE"])
 
 
 def _predict(config: dict, network: Network, strategy) -> list[dict]:

@@ -45,6 +45,7 @@ from nibabel import orientations as nio
 
 from lib import geometry
 from lib.data import DataError
+from lib.settings import CHOICES
 
 IMAGE_SIZE = 256
 CANONICAL = "RAS"
@@ -286,7 +287,7 @@ def make_case(image_path: str, label_path: str, image, affine, header, label,
                 canonical_affine(affine, image.shape), original, tuple(notes))
 
 
-LABEL_RESAMPLING = ("none", "nearest")
+LABEL_RESAMPLING = CHOICES["LABEL_RESAMPLE"]
 
 
 def label_onto_image(label, label_affine, label_path: str, image_shape, image_affine,

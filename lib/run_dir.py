@@ -22,7 +22,8 @@ CONFIG_FILE = "config.json"
 LOCK_SUFFIX = ".lock"  # OUTPUT_PATH.lock, beside the run folder: held while a run trains
 LOG_FILE = "log.jsonl"
 # Settings added after runs were saved: a saved config without one had this value.
-LATER_KEYS = {"KD_CLASSES": "all", "OUT_OF_RANGE_LABELS": "error", "ADAM_EPSILON": 1e-7}
+LATER_KEYS = {"KD_CLASSES": "all", "OUT_OF_RANGE_LABELS": "error", "ADAM_EPSILON": 1e-7,
+              "LABEL_RESAMPLE": "none"}
 # Settings that change neither what a run trains nor what its test reports.
 BOOKKEEPING_KEYS = {"PHASE", "TENSORBOARD_PORT", "DISPLAY_STEP", "CHECKPOINT_SPACE",
                     "SUMMARY_STEP", "KEEP_CHECKPOINTS", "PROGRESS", "RESUME", "START_OVER",
@@ -33,7 +34,7 @@ BOOKKEEPING_KEYS = {"PHASE", "TENSORBOARD_PORT", "DISPLAY_STEP", "CHECKPOINT_SPA
 # Settings that may change between a run and its resumption without changing the run.
 RESUMABLE_KEYS = BOOKKEEPING_KEYS | {
     "NUM_STEPS", "SOURCE_TEST_LIST", "TARGET_TEST_LIST", "TEST_STRIDE", "TEST_FLIP", "TEST_MIRROR",
-    "PAPER_PROTOCOL", "NPZ_FLIP",  # NPZ_FLIP: the test flip of runs saved before TEST_FLIP
+    "LABEL_RESAMPLE", "PAPER_PROTOCOL", "NPZ_FLIP",  # NPZ_FLIP: the test flip of runs saved before TEST_FLIP
     "DATASET_JSON_SOURCE", "DATASET_JSON_TARGET", "SOURCE_VAL_LIST", "TARGET_VAL_LIST",
     "DISTRIBUTE"}
 # Settings that define the network: a checkpoint only fits a network with the same ones

@@ -28,6 +28,7 @@ EXPORT_PATH = ""             # PHASE "export": SavedModel folder (signatures ct,
 N_CLASS = 5                  # classes including background
 CLASS_NAMES = ["lv_myo", "la_blood", "lv_blood", "aa"]  # names of classes 1..N_CLASS-1
 OUT_OF_RANGE_LABELS = "error"  # labels outside 0..N_CLASS-1: "error" (stop, naming the file) or "ignore" (no class, as the original)
+LABEL_RESAMPLE = "none"      # a listed label on another voxel grid than its image: "none" (refused, naming the file) or "nearest" (resampled onto it)
 TEST_FLIP = "npz"            # flip test volumes on axes 0, 1: "npz", "released" (.npz + NIfTI not from data/prepare.py) or "none"
 TEST_MIRROR = False          # test/predict: average the softmax over mirrored inputs (test-time augmentation)
 PAPER_PROTOCOL = False       # also score the test as the published scripts did (README, "Evaluation")
@@ -71,6 +72,7 @@ CHOICES = {
     "KD_CLASSES": ("all", "present"),
     "OUT_OF_RANGE_LABELS": ("error", "ignore"),
     "TEST_FLIP": ("npz", "released", "none"),
+    "LABEL_RESAMPLE": ("none", "nearest"),
     "DISTRIBUTE": (None, "mirrored", "multi_worker"),
 }
 # Settings that count steps or examples: at least 1 (0 would divide by zero mid-training).

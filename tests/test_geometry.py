@@ -172,7 +172,7 @@ def test_a_label_on_another_grid_is_refused_unless_resampling_is_asked(tmp_path,
     import nibabel as nib
 
     from data.prepare import main as prepare_main
-    from lib.data import DataError
+    from lib.data import DataError, load_volume
     from lib.prep import read_case
 
     out, tmp_path = tmp_path, tmp_path / "in"
@@ -201,3 +201,10 @@ def test_a_label_on_another_grid_is_refused_unless_resampling_is_asked(tmp_path,
     assert not os.path.exists(out / "refused")
     assert prepare_main(argv + ["--out_dir", str(out / "ok"), "--label_resample",
                                 "nearest"]) == 0
+    # the test phase's (and 3D training's) list entries follow the same rule
+    entry = f"{tmp_path / 'i.nii.gz'},{tmp_path / 'l.nii.gz'}"
+    with pytest.raises(DataError, match="l.nii.gz: label shape"):
+        load_volume(entry)
+    volume = load_volume(entry, label_resample="nearest")
+    assert np.array_equal(volume.label, expected)
+    assert "by nearest neighbour" in volume.meta["note"]
