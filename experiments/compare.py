@@ -548,6 +548,23 @@ def heldout_tables(rows, schemes, classes, params, notes) -> str:
                                  + f" (n={t['n']})")
                 lines.append(f"| {s} | " + " | ".join(cells) + " |")
             lines.append("")
+    seeds = sorted({r["seed"] for r in rows})
+    if len(seeds) > 1:
+        lines += ["## Seed spread: the average Dice of each seed alone (mean over its tests), "
+                  "and max - min over seeds", ""]
+        for protocol in ("prepared", "scan"):
+            header = ["scheme", *(f"{m.upper()} seed {k}" for m in ("mr", "ct") for k in seeds),
+                      "MR max - min", "CT max - min"]
+            lines += [f"{protocol}:", "", "| " + " | ".join(header) + " |",
+                      "|" + "|".join("---" for _ in header) + "|"]
+            for s in schemes:
+                means = {m: heldout.seed_means(rows, protocol, m, s) for m in ("mr", "ct")}
+                cells = [f"{means[m][k]:.3f}" if k in means[m] else "-"
+                         for m in ("mr", "ct") for k in seeds]
+                cells += [f"{max(v.values()) - min(v.values()):.3f}" if len(v) > 1 else "-"
+                          for v in means.values()]
+                lines.append(f"| {s} | " + " | ".join(cells) + " |")
+            lines.append("")
     return "\n".join(lines)
 
 

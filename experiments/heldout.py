@@ -226,6 +226,16 @@ def per_patient(rows, protocol: str, modality: str, scheme: str, organ: str | No
     return {case: float(np.mean(v)) for case, v in sorted(by_case.items())}
 
 
+def seed_means(rows, protocol: str, modality: str, scheme: str,
+               organ: str | None = None) -> dict:
+    """{seed: mean Dice over that seed's tests} (``tests``): each seed's figure of the
+    table, whose spread over seeds says how far a rerun with another seed may move it."""
+    by_seed: dict = {}
+    for (_, seed, _), v in tests(rows, protocol, modality, scheme, organ).items():
+        by_seed.setdefault(seed, []).append(v)
+    return {seed: float(np.mean(v)) for seed, v in sorted(by_seed.items())}
+
+
 def paired_test(a: dict, b: dict) -> dict:
     """Wilcoxon signed-rank test of a against b ({case: value}), paired over the cases both
     hold (scipy, two-sided; zero differences dropped, as Wilcoxon's original test):

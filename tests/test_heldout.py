@@ -129,3 +129,21 @@ def test_the_per_patient_figure_is_drawn(tmp_path):
     path = tmp_path / "comparison.png"
     heldout.paired_figure(str(path), rows, "prepared", ["ummkd", "separate_bn"], title="t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_seed_spread_is_each_seed_alone():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "compare", os.path.join(ROOT, "experiments", "compare.py"))
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    rows = [{"scheme": "ummkd", "seed": seed, "fold": 0, "protocol": "prepared",
+             "modality": "mr", "case": case, "class": "liver", "absent": False,
+             "dice": dice, "assd": None, "hd95": None}
+            for seed, case, dice in ((0, "a", 0.5), (0, "b", 0.7), (1, "a", 0.4), (1, "b", 0.5))]
+    # seed 0: (0.5 + 0.7) / 2 = 0.6; seed 1: (0.4 + 0.5) / 2 = 0.45; spread 0.15
+    assert heldout.seed_means(rows, "prepared", "mr", "ummkd") == pytest.approx({0: 0.6, 1: 0.45})
+    text = compare.heldout_tables(rows, ["ummkd"], ["liver"], {"ummkd": 1}, [])
+    assert "| ummkd | 0.600 | 0.450 | - | - | 0.150 | - |" in text
+    assert "Seed spread" not in compare.heldout_tables(rows[:2], ["ummkd"], ["liver"], {}, [])
