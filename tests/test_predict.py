@@ -201,7 +201,9 @@ def test_predict_phase_end_to_end_and_its_errors(tiny_data, tmp_path, capsys):
     report = json.load(open(os.path.join(out, "results", "metrics.json"), encoding="utf-8"))
     for m in ("mr", "ct"):
         (case,) = report["scan_geometry"][m]["cases"]
-        scan_mask = nib.load(os.path.join(out, "results", "predictions", "c2_scan.nii.gz"))
+        # both modalities test a case "c2": each keeps its own files
+        scan_mask = nib.load(os.path.join(out, "results", "predictions", f"{m}_c2_scan.nii.gz"))
+        assert os.path.isfile(os.path.join(out, "results", "predictions", f"{m}_c2_pred.nii.gz"))
         dataset = json.load(open(tmp_path / m / "dataset.json", encoding="utf-8"))
         (record,) = [c for c in dataset["cases"] if c["name"] == "c2"]
         gt = np.asarray(nib.load(str(tmp_path / m / record["files"]["gt"])).dataobj) == 1
@@ -210,7 +212,7 @@ def test_predict_phase_end_to_end_and_its_errors(tiny_data, tmp_path, capsys):
         expected = 2 * np.sum(pred & gt) / (pred.sum() + gt.sum())
         assert case["case"] == "c2" and case["dice"]["organ"] == pytest.approx(expected)
     assert os.path.exists(os.path.join(out, "results", "metrics_scan_geometry.csv"))
-    # ... and that mask is the predict phase's (ct, the last one written)
+    # ... and the CT mask is the predict phase's (PREDICT_MODALITY ct)
     same = str(tmp_path / "same")
     assert run(("phase", "predict"), ("predict_input", str(raw / "c2_image.nii.gz")),
                ("predict_output", same)) == 0
