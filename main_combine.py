@@ -86,7 +86,8 @@ PRESETS = {
     "heldout": dict(
         OUTPUT_PATH="output/heldout", IMAGE_SIZE=64, FEATURE_BASE=8, BATCH_SIZE=4,
         PRECISION="fp32", NUM_STEPS=400, LR_DECAY_STEPS=40, CHECKPOINT_SPACE=200,
-        DISPLAY_STEP=200, AUGMENT=True, CLASS_NAMES=["liver", "right_kidney", "left_kidney", "spleen"],
+        DISPLAY_STEP=200, AUGMENT=True,
+        CLASS_NAMES=["liver", "right_kidney", "left_kidney", "spleen"],
         SOURCE_TRAIN_LIST=f"{_HELDOUT}/mr_fold0/train_list.txt", SOURCE_VAL_LIST="",
         TARGET_TRAIN_LIST=f"{_HELDOUT}/ct/train_list.txt", TARGET_VAL_LIST="",
         SOURCE_TEST_LIST=f"{_HELDOUT}/mr_fold0/test_list.txt",

@@ -81,7 +81,8 @@ PRESETS = {
     "heldout": dict(
         OUTPUT_PATH="output/heldout3d", PATCH_SIZE=[64, 64, 8], FEATURE_BASE=8, BATCH_SIZE=2,
         PRECISION="fp32", NUM_STEPS=400, LEARNING_RATE=1e-3, LR_DECAY_STEPS=40,
-        CHECKPOINT_SPACE=200, DISPLAY_STEP=200, CLASS_NAMES=["liver", "right_kidney", "left_kidney", "spleen"],
+        CHECKPOINT_SPACE=200, DISPLAY_STEP=200,
+        CLASS_NAMES=["liver", "right_kidney", "left_kidney", "spleen"],
         SOURCE_TRAIN_LIST=f"{_HELDOUT}/mr_fold0/train_volume_list.txt", SOURCE_VAL_LIST="",
         TARGET_TRAIN_LIST=f"{_HELDOUT}/ct/train_volume_list.txt", TARGET_VAL_LIST="",
         SOURCE_TEST_LIST=f"{_HELDOUT}/mr_fold0/test_list.txt",

@@ -213,6 +213,7 @@ def test_predict_phase_end_to_end_and_its_errors(tiny_data, tmp_path, capsys):
         assert case["case"] == "c2" and case["dice"]["organ"] == pytest.approx(expected)
     assert os.path.exists(os.path.join(out, "results", "metrics_scan_geometry.csv"))
     # ... and the CT mask is the predict phase's (PREDICT_MODALITY ct)
+    scan_mask = nib.load(os.path.join(out, "results", "predictions", "ct_c2_scan.nii.gz"))
     same = str(tmp_path / "same")
     assert run(("phase", "predict"), ("predict_input", str(raw / "c2_image.nii.gz")),
                ("predict_output", same)) == 0
