@@ -39,7 +39,9 @@ class Hardware:
     """What this process trains on, as the run's decisions need it (tests inject it).
 
     gpus: (name, compute capability) of every visible GPU; empty on a CPU.
-    cpu_bf16: the CPU has bfloat16 units (AMX or AVX-512 bf16).
+    cpu_bf16: the CPU has bfloat16 units (AMX or AVX-512 bf16) and this process runs
+      oneDNN, the only CPU kernels that use them (on TensorFlow's own kernels the bf16 demo
+      step took 3.4 s, against 0.12 s under oneDNN, on an AVX-512 bf16 EPYC).
     """
     gpus: tuple = ()
     cpu_bf16: bool = False
@@ -51,7 +53,7 @@ class Hardware:
             details = tf.config.experimental.get_device_details(gpu)
             gpus.append((details.get("device_name", gpu.name),
                          tuple(details.get("compute_capability", (0, 0)))))
-        return cls(tuple(gpus), cpu_has_fast_bf16())
+        return cls(tuple(gpus), cpu_has_fast_bf16() and fast_ops.onednn_enabled())
 
     def describe(self) -> str:
         if not self.gpus:

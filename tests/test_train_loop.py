@@ -35,6 +35,18 @@ def test_auto_precision_for_each_kind_of_device(precision, hardware, expected):
     assert resolve_precision(precision, hardware) == expected
 
 
+@pytest.mark.parametrize("units, onednn, expected", [
+    (True, True, True), (True, False, False), (False, True, False)])
+def test_cpu_bf16_needs_the_units_and_onednn(units, onednn, expected, monkeypatch):
+    """bf16 units count only under oneDNN: with TF_ENABLE_ONEDNN_OPTS=0 "auto" is fp32."""
+    from lib import fast_ops, runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: units)
+    monkeypatch.setattr(fast_ops, "onednn_enabled", lambda: onednn)
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
+    assert runtime.Hardware.detect().cpu_bf16 is expected
+
+
 class _Replicas:
     def __init__(self, n):
         self.num_replicas_in_sync = n
