@@ -33,7 +33,19 @@ TARGET_TRAIN_LIST = "data/released/lists/ct_train_list"  # CT (target) training 
 TARGET_VAL_LIST = "data/released/lists/ct_val_list"      # CT validation slices
 SOURCE_TEST_LIST = "data/released/lists/mr_test_list"    # MR test volumes
 TARGET_TEST_LIST = "data/released/lists/ct_test_list"    # CT test volumes
-AUGMENT = False              # on-the-fly rotation/scale/shift/intensity augmentation
+FOREGROUND_SHARE = 0.0       # share of training slices drawn among those with foreground (nnU-Net: 1/3)
+AUGMENT = False              # on-the-fly augmentation of training slices (lib/augment.py), as below
+# each transform: [probability, low, high], a value drawn uniformly in [low, high]
+AUG_ROTATE = [0.5, -15.0, 15.0]     # rotation, degrees
+AUG_SCALE = [0.5, 0.85, 1.25]       # zoom factor
+AUG_SHIFT = [0.5, -0.05, 0.05]      # shift, fraction of the slice size (each axis)
+AUG_ELASTIC = [0.0, 0.0, 4.0]       # elastic deformation, largest displacement in pixels
+AUG_BIAS_FIELD = [0.3, 0.0, 0.4]    # smooth multiplicative bias field, log-amplitude
+AUG_NOISE = [0.15, 0.0, 0.1]        # Gaussian noise, standard deviation (z-score units)
+AUG_BLUR = [0.2, 0.5, 1.0]          # Gaussian blur, sigma in pixels
+AUG_BRIGHTNESS = [0.5, 0.7, 1.3]    # intensity multiplier
+AUG_CONTRAST = [0.5, 0.65, 1.5]     # contrast factor about the mean (range kept)
+AUG_GAMMA = [0.3, 0.7, 1.5]         # gamma on intensities rescaled to [0, 1] (mean, std kept)
 
 # --- network
 NETWORK = "dilated_resnet_2d"  # recorded with checkpoints so another network's are refused
@@ -62,19 +74,19 @@ PRESETS = {
     # the released MM-WHS slices as the original read them: its one-hot gave their label
     # 5 no class, its test flipped the released test volumes; float32 and TF 1's Adam
     "paper": dict(OUTPUT_PATH="output/2d_paper", OUT_OF_RANGE_LABELS="ignore",
-                  TEST_FLIP="released", PRECISION="fp32", ADAM_EPSILON=1e-8,
+                  TEST_FLIP="released", PRECISION="fp32", ADAM_EPSILON=1e-8, LR_SCHEDULE="step",
                   CHECKPOINT_MINUTES=10.0),
     "demo": dict(
         OUTPUT_PATH="output/2d_demo", IMAGE_SIZE=64, FEATURE_BASE=8, BATCH_SIZE=4,
-        NUM_STEPS=1000, LR_DECAY_STEPS=40, CHECKPOINT_SPACE=250, DISPLAY_STEP=200,
+        NUM_STEPS=1000, LR_SCHEDULE="step", LR_DECAY_STEPS=40, CHECKPOINT_SPACE=250, DISPLAY_STEP=200,
         AUGMENT=False,
         SOURCE_TRAIN_LIST=f"{_DEMO}/mr/train_list.txt", SOURCE_VAL_LIST=f"{_DEMO}/mr/val_list.txt",
         TARGET_TRAIN_LIST=f"{_DEMO}/ct/train_list.txt", TARGET_VAL_LIST=f"{_DEMO}/ct/val_list.txt",
         SOURCE_TEST_LIST=f"{_DEMO}/mr/test_list.txt", TARGET_TEST_LIST=f"{_DEMO}/ct/test_list.txt"),
     "abdomen": dict(
         OUTPUT_PATH="output/2d_abdomen", IMAGE_SIZE=64, FEATURE_BASE=8, BATCH_SIZE=4,
-        NUM_STEPS=1500, LR_DECAY_STEPS=100, CHECKPOINT_SPACE=250, DISPLAY_STEP=250,
-        CLASS_NAMES=["liver", "right_kidney", "left_kidney", "spleen"],
+        NUM_STEPS=1500, LR_SCHEDULE="step", LR_DECAY_STEPS=100, CHECKPOINT_SPACE=250, DISPLAY_STEP=250,
+        CLASS_NAMES=["liver", "right_kidney", "left_kidney", "spleen"], LATERAL_PAIRS=["2:3"],
         SOURCE_TRAIN_LIST=f"{_ABDOMEN}/mr_train/train_list.txt", SOURCE_VAL_LIST="",
         TARGET_TRAIN_LIST=f"{_ABDOMEN}/ct_train/train_list.txt", TARGET_VAL_LIST="",
         SOURCE_TEST_LIST=f"{_ABDOMEN}/mr_test/test_list.txt",
@@ -85,10 +97,11 @@ PRESETS = {
     # MR average moved by up to 0.08 from it, docs/results.md)
     "heldout": dict(
         OUTPUT_PATH="output/heldout", IMAGE_SIZE=64, FEATURE_BASE=8, BATCH_SIZE=4,
-        PRECISION="fp32", NUM_STEPS=400, LR_DECAY_STEPS=40, CHECKPOINT_SPACE=200,
-        DISPLAY_STEP=200, AUGMENT=True,
-        CLASS_NAMES=["liver", "right_kidney", "left_kidney", "spleen"],
+        PRECISION="fp32", NUM_STEPS=4000, LR_SCHEDULE="poly", CHECKPOINT_SPACE=500,
+        DISPLAY_STEP=500, VALIDATE_EVERY=250, AUGMENT=True, FOREGROUND_SHARE=0.33,
+        CLASS_NAMES=["liver", "right_kidney", "left_kidney", "spleen"], LATERAL_PAIRS=["2:3"],
         SOURCE_TRAIN_LIST=f"{_HELDOUT}/mr_fold0/train_list.txt", SOURCE_VAL_LIST="",
+        SOURCE_VAL_VOLUME_LIST=f"{_HELDOUT}/mr_fold0/val_volume_list.txt",
         TARGET_TRAIN_LIST=f"{_HELDOUT}/ct/train_list.txt", TARGET_VAL_LIST="",
         SOURCE_TEST_LIST=f"{_HELDOUT}/mr_fold0/test_list.txt",
         TARGET_TEST_LIST=f"{_HELDOUT}/ct/test_list.txt"),
@@ -100,22 +113,24 @@ _ROOT = os.path.dirname(os.path.abspath(__file__))
 def network():
     """The 2D variant for lib.pipeline: model, slice batches, slice-wise prediction."""
     from lib.data import slice_training_data
-    from lib.evaluate import make_predict_fn, paper_coverage, predict_volume_2d
+    from lib.evaluate import (lateral_permutation, make_predict_fn, paper_coverage,
+                              predict_volume_2d)
     from lib.pipeline import Network
     from model_2d import build_model
 
     def datasets(config, train_lists, val_lists, start_step=0):
         augment = None
         if config["AUGMENT"]:
-            from lib.prep import make_augment
-            augment = make_augment(seed=config["SEED"])
+            from lib.augment import make_augment, settings_of
+            augment = make_augment(settings_of(config))
         return slice_training_data(config, train_lists, val_lists, augment, start_step)
 
     def predictor(model, config):
         fn = make_predict_fn(model, [config["IMAGE_SIZE"]] * 2 + [3])
+        permutation = lateral_permutation(config["LATERAL_PAIRS"], config["N_CLASS"])
         return lambda m, image, probabilities=False: predict_volume_2d(
             fn, m, image, config["IMAGE_SIZE"], config["TEST_BATCH"], config["TEST_MIRROR"],
-            probabilities)
+            probabilities, permutation=permutation)
 
     def prepare_data(config):
         if config["PRESET"] == "demo":

@@ -63,11 +63,12 @@ PRESETS = {
     # the original's abdominal 3D setting: its one-hot gave labels outside the classes no
     # class; float32 and TF 1's Adam
     "paper": dict(OUTPUT_PATH="output/3d_paper", OUT_OF_RANGE_LABELS="ignore",
-                  PRECISION="fp32", ADAM_EPSILON=1e-8, CHECKPOINT_MINUTES=10.0,
-                  CLASS_NAMES=["liver", "right_kidney", "left_kidney", "spleen"]),
+                  PRECISION="fp32", ADAM_EPSILON=1e-8, LR_SCHEDULE="step", CHECKPOINT_MINUTES=10.0,
+                  CLASS_NAMES=["liver", "right_kidney", "left_kidney", "spleen"],
+                  LATERAL_PAIRS=["2:3"]),
     "demo": dict(
         OUTPUT_PATH="output/3d_demo", PATCH_SIZE=[64, 64, 8], FEATURE_BASE=8, BATCH_SIZE=2,
-        NUM_STEPS=500, LEARNING_RATE=1e-3, LR_DECAY_STEPS=50, CHECKPOINT_SPACE=100,
+        NUM_STEPS=500, LEARNING_RATE=1e-3, LR_SCHEDULE="step", LR_DECAY_STEPS=50, CHECKPOINT_SPACE=100,
         DISPLAY_STEP=100,
         SOURCE_TRAIN_LIST=f"{_DEMO}/mr/train_volume_list.txt",
         SOURCE_VAL_LIST=f"{_DEMO}/mr/val_volume_list.txt",
@@ -80,9 +81,10 @@ PRESETS = {
     # MR average moved by up to 0.08 from it, docs/results.md)
     "heldout": dict(
         OUTPUT_PATH="output/heldout3d", PATCH_SIZE=[64, 64, 8], FEATURE_BASE=8, BATCH_SIZE=2,
-        PRECISION="fp32", NUM_STEPS=400, LEARNING_RATE=1e-3, LR_DECAY_STEPS=40,
+        PRECISION="fp32", NUM_STEPS=400, LEARNING_RATE=1e-3, LR_SCHEDULE="step",
+        LR_DECAY_STEPS=40,
         CHECKPOINT_SPACE=200, DISPLAY_STEP=200,
-        CLASS_NAMES=["liver", "right_kidney", "left_kidney", "spleen"],
+        CLASS_NAMES=["liver", "right_kidney", "left_kidney", "spleen"], LATERAL_PAIRS=["2:3"],
         SOURCE_TRAIN_LIST=f"{_HELDOUT}/mr_fold0/train_volume_list.txt", SOURCE_VAL_LIST="",
         TARGET_TRAIN_LIST=f"{_HELDOUT}/ct/train_volume_list.txt", TARGET_VAL_LIST="",
         SOURCE_TEST_LIST=f"{_HELDOUT}/mr_fold0/test_list.txt",
@@ -96,16 +98,17 @@ _ROOT = os.path.dirname(_HERE)
 def network():
     """The 3D variant for lib.pipeline: model, slab batches, sliding-window prediction."""
     from lib.data import volume_training_data
-    from lib.evaluate import make_predict_fn, predict_volume_3d
+    from lib.evaluate import lateral_permutation, make_predict_fn, predict_volume_3d
     from lib.pipeline import Network
     from model_3d import build_model
 
     def predictor(model, config):
         patch = [int(p) for p in config["PATCH_SIZE"]]
         fn = make_predict_fn(model, [*patch, 1])  # compiled once per modality, reused per volume
+        permutation = lateral_permutation(config["LATERAL_PAIRS"], config["N_CLASS"])
         return lambda m, image, probabilities=False: predict_volume_3d(
             fn, m, image, patch, config["N_CLASS"], config["TEST_STRIDE"] or None,
-            config["TEST_BATCH"], config["TEST_MIRROR"], probabilities)
+            config["TEST_BATCH"], config["TEST_MIRROR"], probabilities, permutation=permutation)
 
     def prepare_data(config):
         if config["PRESET"] == "demo":

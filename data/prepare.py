@@ -51,6 +51,12 @@ if _REPO not in sys.path:
 SPLITS = ("train", "val", "test")
 FORMAT = "ummkd-prepared"
 FORMAT_VERSION = 1
+# --augment_copies: every copy rotated, scaled, shifted and brightened (lib/augment.py)
+OFFLINE_AUGMENTATION = {"rotate": (1.0, -15.0, 15.0), "scale": (1.0, 0.9, 1.1),
+                        "shift": (1.0, -0.05, 0.05), "elastic": (0.0, 0.0, 0.0),
+                        "bias_field": (0.0, 0.0, 0.0), "noise": (0.0, 0.0, 0.0),
+                        "blur": (0.0, 0.0, 0.0), "brightness": (1.0, 0.9, 1.1),
+                        "contrast": (0.0, 1.0, 1.0), "gamma": (0.0, 1.0, 1.0)}
 
 
 def _import_quietly():
@@ -391,7 +397,8 @@ def _write_all(root, cases, assignment, label_map, settings, log) -> dict:
     records = []
     augment = None
     if settings["augment_copies"] > 0:
-        augment = prep.make_augment(seed=settings["seed"])
+        from lib.augment import make_augment
+        augment = make_augment(OFFLINE_AUGMENTATION)
     for index, (image_path, label_path, name) in enumerate(cases):
         part = assignment[name]
         case = prep.read_case(image_path, label_path, label_resample=settings["label_resample"])

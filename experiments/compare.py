@@ -386,6 +386,9 @@ def parse_args(argv):
                         help="2d (main_combine.py) or 3d (3d_implementation/main.py)")
     parser.add_argument("--folds", type=int, default=4,
                         help="--preset=heldout: folds over the CHAOS MR patients (default: 4)")
+    parser.add_argument("--val_patients", type=int, default=3,
+                        help="--preset=heldout: validation patients drawn from each fold's "
+                             "training patients (model selection; default: 3)")
     parser.add_argument("--out", default=None,
                         help="output folder (default: output/compare_<preset>, "
                              "output/compare3d_<preset> for 3d)")
@@ -501,8 +504,10 @@ def main(argv=None, log=print) -> int:
 def _fold_lists(lists: dict, fold: int) -> list[str]:
     return [f"--source_train_list={lists['mr'][fold]['train']}", "--source_val_list=",
             f"--source_test_list={lists['mr'][fold]['test']}",
+            f"--source_val_volume_list={lists['mr'][fold]['val']}",
             f"--target_train_list={lists['ct']['train']}", "--target_val_list=",
-            f"--target_test_list={lists['ct']['test']}"]
+            f"--target_test_list={lists['ct']['test']}",
+            f"--target_val_volume_list={lists['ct']['val']}"]
 
 
 def heldout_tables(rows, schemes, classes, params, notes) -> str:
@@ -577,7 +582,7 @@ def compare_heldout(args, overrides, log=print) -> int:
     seeds = list(range(args.seeds))
     try:
         base = run_config(args.network, "heldout", overrides)
-        split_files = heldout.splits(args.out, args.folds)
+        split_files = heldout.splits(args.out, args.folds, n_val=args.val_patients)
         size = base["IMAGE_SIZE"] if args.network == "2d" else base["PATCH_SIZE"][0]
         lists = heldout.prepare_data(args.out, split_files, int(size), log,
                                      train_volumes=args.network == "3d")
@@ -632,7 +637,8 @@ def compare_heldout(args, overrides, log=print) -> int:
              + "".join(f" {o}" for o in overrides) + "`",
              f"{base['NUM_STEPS']} steps, batch {base['BATCH_SIZE']} per modality, "
              f"augmentation {base['AUGMENT'] if 'AUGMENT' in base else 'n/a'}, seeds {seeds}; "
-             "the last checkpoint of every run is tested",
+             f"the {base['TEST_CHECKPOINT']} checkpoint of every run is tested "
+             f"({args.val_patients} validation patients per fold, never a test patient)",
              "MR: CHAOS T2-SPIR patients, each tested by the models of its fold; CT: trained "
              "on ct_0001, tested on the DICOM patient in every fold (its values averaged over "
              "folds and seeds); kidneys absent from it are reported as absent",

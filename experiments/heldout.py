@@ -59,18 +59,29 @@ def chaos_cases(folder: str) -> list[tuple[str, str, str]]:
     return cases
 
 
-def make_folds(names, k: int, seed: int = 0) -> list[dict]:
+def make_folds(names, k: int, seed: int = 0, n_val: int = 0) -> list[dict]:
     """K folds over ``names``: a seeded permutation cut into K test groups of sizes differing
-    by at most one; each fold {"train": the others, "val": [], "test": its group}, names in
-    their given order within each list."""
+    by at most one; each fold {"train": the others less ``n_val`` validation patients drawn
+    among them (seeded), "val": those, "test": its group}, names in their given order within
+    each list. Validation patients are never test patients of their fold."""
     names = list(names)
     if not 2 <= k <= len(names):
         raise HeldOutError(f"folds: expected 2..{len(names)} folds of {len(names)} patients, "
                            f"got {k}")
     order = np.random.default_rng(seed).permutation(len(names))
     groups = [set(int(i) for i in part) for part in np.array_split(order, k)]
-    return [{"train": [n for i, n in enumerate(names) if i not in g], "val": [],
-             "test": [n for i, n in enumerate(names) if i in g]} for g in groups]
+    folds = []
+    for f, g in enumerate(groups):
+        rest = [i for i in range(len(names)) if i not in g]
+        if not 0 <= n_val < len(rest):
+            raise HeldOutError(f"validation: expected 0..{len(rest) - 1} patients of the "
+                               f"{len(rest)} a fold trains on, got {n_val}")
+        pick = np.random.default_rng([seed, f]).permutation(len(rest))[:n_val]
+        val = {rest[int(j)] for j in pick}
+        folds.append({"train": [n for i, n in enumerate(names) if i not in g and i not in val],
+                      "val": [n for i, n in enumerate(names) if i in val],
+                      "test": [n for i, n in enumerate(names) if i in g]})
+    return folds
 
 
 def write_split(path: str, split: dict) -> str:
@@ -91,18 +102,24 @@ def write_split(path: str, split: dict) -> str:
     return path
 
 
-def splits(out: str, k: int, seed: int = 0) -> dict:
-    """{"mr": [fold split files], "ct": split file}, written under ``out``/splits."""
+def splits(out: str, k: int, seed: int = 0, n_val: int = 0) -> dict:
+    """{"mr": [fold split files], "ct": split file}, written under ``out``/splits; each MR
+    fold holds ``n_val`` validation patients out of its training patients."""
     mr_names = [name for _, _, name in chaos_cases(os.path.join(SHARED, MR_FOLDER))]
     folder = os.path.join(out, "splits")
     mr = [write_split(os.path.join(folder, f"mr_fold{f}.json"), split)
-          for f, split in enumerate(make_folds(mr_names, k, seed))]
+          for f, split in enumerate(make_folds(mr_names, k, seed, n_val))]
     ct = write_split(os.path.join(folder, "ct.json"),
                      {"train": ["ct_0001"], "val": [], "test": ["series"]})
     return {"mr": mr, "ct": ct}
 
 
 # ---------------------------------------------------------------------- data
+# data/prepare.py settings of every fold: whole volumes as training slices (the sampler
+# forces a share onto the organs, FOREGROUND_SHARE) and the intensity clip
+PREPARATION = {"train_slices": "all", "clip_upper_percentile": 99.5}
+
+
 def _prepared(out_dir: str, split_file: str, image_size: int, train_volumes: bool) -> bool:
     path = os.path.join(out_dir, "dataset.json")
     if not os.path.isfile(path):
@@ -113,6 +130,7 @@ def _prepared(out_dir: str, split_file: str, image_size: int, train_volumes: boo
         split = json.load(handle)
     want = {p: sorted(split.get(p, [])) for p in ("train", "val", "test")}
     return (data["settings"]["image_size"] == image_size
+            and all(data["settings"].get(k) == v for k, v in PREPARATION.items())
             and (data["settings"]["train_volumes"] or not train_volumes)
             and {p: sorted(v) for p, v in data["splits"].items()} == want)
 
@@ -137,6 +155,8 @@ def prepare_data(out: str, split_files: dict, image_size: int, log=print,
                 "--images", *[c[0] for c in cases], "--labels", *[c[1] for c in cases],
                 "--label_map", LABEL_MAPS[modality], "--split_file", split,
                 "--slice_axis", "axial", "--image_size", str(image_size), "--out_dir", folder,
+                "--train_slices", PREPARATION["train_slices"],
+                "--clip_upper", str(PREPARATION["clip_upper_percentile"]),
                 *(["--train_volumes"] if train_volumes else [])]
         if os.path.isdir(folder):
             args.append("--overwrite")  # data/prepare.py's own folder of another split
@@ -146,7 +166,10 @@ def prepare_data(out: str, split_files: dict, image_size: int, log=print,
                                + (proc.stderr.strip().splitlines() or ["failed"])[-1])
     train = "train_volume_list.txt" if train_volumes else "train_list.txt"
     lists = lambda folder: {"train": os.path.join(folder, train),
-                            "test": os.path.join(folder, "test_list.txt")}
+                            "test": os.path.join(folder, "test_list.txt"),
+                            "val": (os.path.join(folder, "val_volume_list.txt")
+                                    if os.path.isfile(os.path.join(folder, "val_volume_list.txt"))
+                                    else "")}
     return {"mr": [lists(os.path.join(out, "data", f"mr_fold{f}"))
                    for f in range(len(split_files["mr"]))],
             "ct": lists(os.path.join(out, "data", "ct"))}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 
 from lib import settings
@@ -163,11 +164,74 @@ def validate(config: dict) -> None:
         raise ConfigError(f"CLASS_NAMES: {len(config['CLASS_NAMES'])} names for N_CLASS="
                           f"{config['N_CLASS']} (expected N_CLASS - 1 names, background "
                           f"excluded)")
+    if not 0.0 <= config.get("FOREGROUND_SHARE", 0.0) <= 1.0:
+        bad("FOREGROUND_SHARE", "a share in [0, 1]")
+    for key in sorted(k for k in config if k.startswith("AUG_")):
+        _check_augmentation(key, config[key])
+    if "LATERAL_PAIRS" in config and "N_CLASS" in config:
+        lateral_permutation(config["LATERAL_PAIRS"], config["N_CLASS"])
     devices = config["CPU_DEVICES"]
     if not isinstance(devices, int) or devices < 0:
         raise ConfigError(f"CPU_DEVICES: expected an integer >= 0, got {devices!r}")
     if config["DISTRIBUTE"] == "multi_worker":
         tf_config(required=True)
+
+
+_PAIR = re.compile(r"\s*([0-9]+)\s*:\s*([0-9]+)\s*")
+
+
+def lateral_permutation(pairs, n_class: int) -> list[int] | None:
+    """LATERAL_PAIRS ("a:b" strings: classes a and b are each other's mirror image under a
+    left-right flip, e.g. "2:3" right and left kidney) -> the channel permutation [n_class]
+    that swaps each pair (output channel c takes input channel perm[c]); None when there
+    are no pairs.
+
+    Raises ConfigError with a one-line message naming LATERAL_PAIRS for a value that is not
+    a list of "a:b" strings, a class id outside 1..n_class-1, a pair a:a, or a class in two
+    pairs.
+    """
+    if isinstance(pairs, str) or not isinstance(pairs, (list, tuple)):
+        raise ConfigError(f'LATERAL_PAIRS: expected a list of "a:b" strings, got {pairs!r}')
+    perm = list(range(n_class))
+    seen: dict[int, str] = {}
+    for pair in pairs:
+        match = _PAIR.fullmatch(pair) if isinstance(pair, str) else None
+        if match is None:
+            raise ConfigError(f'LATERAL_PAIRS: {pair!r} is not "a:b" with class ids a and b')
+        a, b = int(match.group(1)), int(match.group(2))
+        for c in (a, b):
+            if not 1 <= c <= n_class - 1:
+                raise ConfigError(f"LATERAL_PAIRS: class {c} in {pair!r} is not in "
+                                  f"1..{n_class - 1} (N_CLASS={n_class}, background 0 "
+                                  f"excluded)")
+        if a == b:
+            raise ConfigError(f"LATERAL_PAIRS: {pair!r} pairs class {a} with itself")
+        for c in (a, b):
+            if c in seen:
+                raise ConfigError(f"LATERAL_PAIRS: class {c} is in {seen[c]!r} and {pair!r}; "
+                                  "a class has one counterpart")
+            seen[c] = pair
+        perm[a], perm[b] = b, a
+    return perm if seen else None
+
+
+# augmentation values that must be > 0 (factors) or >= 0 (sizes); the others are signed
+_AUG_POSITIVE = ("AUG_SCALE", "AUG_BRIGHTNESS", "AUG_GAMMA")
+_AUG_NON_NEGATIVE = ("AUG_ELASTIC", "AUG_BIAS_FIELD", "AUG_NOISE", "AUG_BLUR", "AUG_CONTRAST")
+
+
+def _check_augmentation(key: str, value) -> None:
+    """An AUG_* setting is [probability in 0..1, low, high] with low <= high in its domain
+    (lib/augment.py)."""
+    if not isinstance(value, (list, tuple)) or len(value) != 3:
+        raise ConfigError(f"{key}: expected [probability, low, high], got {value!r}")
+    p, lo, hi = value
+    if not 0.0 <= p <= 1.0:
+        raise ConfigError(f"{key}: probability {p} is not in [0, 1]")
+    if not lo <= hi:
+        raise ConfigError(f"{key}: low {lo} is above high {hi}")
+    if (key in _AUG_POSITIVE and lo <= 0) or (key in _AUG_NON_NEGATIVE and lo < 0):
+        raise ConfigError(f"{key}: low {lo} must be {'> 0' if key in _AUG_POSITIVE else '>= 0'}")
 
 
 def help_text(config: dict) -> str:

@@ -271,13 +271,17 @@ def count_records(path: str) -> int:
     return count
 
 
-def sample_records(files: list[str], seed: int, start: int = 0) -> tf.data.Dataset:
-    """Endless stream of (k, file name, record index) drawn uniformly over all records.
+def sample_records(files: list[str], seed: int, start: int = 0, foreground=None,
+                   share: float = 0.0) -> tf.data.Dataset:
+    """Endless stream of (k, file name, record index) drawn over all records.
 
     Element k is a pure function of (seed, k), so a run resumed at step s continues with
-    exactly the slices an uninterrupted run would have read (start = s * batch size). With
-    one record per file (the released layout) record k is file u_k, u_k uniform in
-    0..len(files)-1.
+    exactly the slices an uninterrupted run would have read (start = s * batch size).
+    Record k is uniform over all records; with ``share`` > 0 and ``foreground`` ([N] bool
+    over the records in file order, foreground_records), it is instead, with probability
+    ``share``, uniform over the records with foreground (nnU-Net's forced foreground
+    samples), so a stream over whole volumes still sees the organs often. With one record
+    per file (the released layout) record k is file u_k.
     """
     counts = np.array([count_records(f) for f in files], np.int64)
     total = int(counts.sum())
@@ -286,14 +290,40 @@ def sample_records(files: list[str], seed: int, start: int = 0) -> tf.data.Datas
                         f"no records")
     names, ends = tf.constant(list(files)), tf.constant(np.cumsum(counts))
     sizes = tf.constant(counts)
+    forced = None
+    if share > 0 and foreground is not None and np.any(foreground):
+        forced = tf.constant(np.flatnonzero(foreground).astype(np.int64))
 
     def pick(k):
-        u = tf.random.stateless_uniform([], seed=tf.stack([tf.constant(seed, tf.int64), k]),
-                                        maxval=total, dtype=tf.int64)
+        key = tf.stack([tf.constant(seed, tf.int64), k])
+        u = tf.random.stateless_uniform([], seed=key, maxval=total, dtype=tf.int64)
+        if forced is not None:
+            sub = tf.random.experimental.stateless_fold_in(key, 7)
+            coin = tf.random.stateless_uniform([], seed=sub)
+            i = tf.random.stateless_uniform([], seed=tf.random.experimental.stateless_fold_in(
+                sub, 1), maxval=tf.size(forced, tf.int64), dtype=tf.int64)
+            u = tf.where(coin < share, forced[i], u)
         j = tf.searchsorted(ends, u[None], side="right")[0]
         return k, names[j], u - (ends[j] - sizes[j])
 
     return tf.data.Dataset.counter(start=start, dtype=tf.int64).map(pick)
+
+
+def foreground_records(files: list[str], n_class: int | None = None) -> np.ndarray:
+    """[N] bool over every record of ``files`` in file order: its label (the middle slice)
+    holds a class other than background (1..n_class-1 when ``n_class`` is given)."""
+    names = tf.data.Dataset.from_tensor_slices(list(files))
+
+    def has_foreground(f, r):
+        label = parse_slice(r)[1]
+        fg = label > 0
+        if n_class is not None:
+            fg &= label < n_class
+        return tf.reduce_any(fg)
+
+    ds = _records_with_names(files, names).map(has_foreground,
+                                               num_parallel_calls=tf.data.AUTOTUNE)
+    return np.array([bool(v) for v in ds.as_numpy_iterator()], bool)
 
 
 # Files up to this size are read whole, with one read op each (the released data has one
@@ -375,14 +405,16 @@ def _records_with_names(files: list[str], names: tf.data.Dataset) -> tf.data.Dat
 
 def slice_dataset(files: list[str], image_size: int, batch_size: int, *, seed: int = 0,
                   start_step: int = 0, augment=None, n_class: int | None = None,
-                  out_of_range: str = "error", repeat: bool = True) -> tf.data.Dataset:
+                  out_of_range: str = "error", repeat: bool = True,
+                  foreground_share: float = 0.0) -> tf.data.Dataset:
     """Batches (image [B, S, S, 3] float32, label [B, S, S] int32) from TFRecord files.
 
     Training (``repeat``): slices drawn at random, uniformly over all records, by
     sample_records, resumable at any step; files are read in parallel, in a deterministic
     order. ``repeat=False``: every record of every file once, in order. Bad records stop the
     pipeline naming their file; labels outside 0..n_class-1 follow ``out_of_range``
-    (parse_slice). ``augment``: an optional graph function
+    (parse_slice). ``foreground_share``: the share of training draws forced onto slices
+    with foreground (sample_records). ``augment``: an optional graph function
     ``(image, label, seed) -> (image, label)``, called with a stateless seed (int32 [2])
     derived from (seed, k) for the k-th slice, so a resumed run repeats the augmentation of
     an uninterrupted one.
@@ -390,7 +422,9 @@ def slice_dataset(files: list[str], image_size: int, batch_size: int, *, seed: i
     if not files:
         raise DataError("no TFRecord files given")
     if repeat:
-        ds = _drawn_records(files, sample_records(files, seed, start_step * batch_size))
+        foreground = foreground_records(files, n_class) if foreground_share > 0 else None
+        ds = _drawn_records(files, sample_records(files, seed, start_step * batch_size,
+                                                  foreground, foreground_share))
     else:
         ds = _records_with_names(files, tf.data.Dataset.from_tensor_slices(list(files)))
         ds = ds.enumerate().map(lambda k, fr: (k, fr[0], fr[1]))
@@ -648,7 +682,9 @@ def slice_training_data(config: dict, train_lists: dict, val_lists: dict, augmen
                  f"(CHECK_DATA=False); OUT_OF_RANGE_LABELS=ignore: no class")
         return slice_dataset(files, config["IMAGE_SIZE"], config["BATCH_SIZE"], seed=seed,
                              start_step=start, augment=augment if part == "training" else None,
-                             n_class=n_class, out_of_range=rule)
+                             n_class=n_class, out_of_range=rule,
+                             foreground_share=config["FOREGROUND_SHARE"] if part == "training"
+                             else 0.0)
 
     return modality_streams(config, train_lists, val_lists, start_step, stream)
 

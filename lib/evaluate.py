@@ -4,6 +4,8 @@ Every voxel of every test volume is predicted through its modality's BN branch:
 * 2D: every slice, with its 3-slice context (edge slices replicated), batched over slices;
 * 3D: overlapping slabs along depth (and in-plane tiles when the volume is larger than the
   patch), with the softmax averaged where windows overlap.
+With TEST_MIRROR the softmax is also averaged over flipped inputs (``mirrored``), the
+classes of LATERAL_PAIRS swapped in the flips along the patient's left-right axis.
 Then Dice, ASSD and HD95 per class and case (lib/metrics.py), and under
 OUTPUT_PATH/results/: metrics.json, metrics.csv, predictions/<case>_pred.nii.gz (a name that
 two test cases share gets its modality in front: ``prediction_stems``) and
@@ -25,7 +27,8 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from lib import figures, metrics
+from lib import figures, metrics, prep
+from lib.config import lateral_permutation  # noqa: F401  (re-exported: the predictors' parser)
 from lib.data import LabelCount, Volume, case_name, load_volume, read_list
 from lib.files import atomic_path, write_json
 from lib.settings import CHOICES
@@ -61,21 +64,52 @@ def make_predict_fn(model, example_shape):
     return for_modality
 
 
-def mirrored(fn, axes, mirror: bool):
+def left_right_axis(slice_axis: str = "axial") -> int:
+    """The axis of a prepared [H, W, D] volume along which the patient's right-left runs:
+    the one that lib.prep's canonical axis 0 (RAS: towards the patient's Right) becomes
+    under ``to_slices_last``; W (1) for axial and coronal slices, D (2) for sagittal ones."""
+    matrix = prep.slices_last_index_matrix(slice_axis, (1, 1, 1))
+    return int(np.flatnonzero(matrix[0, :3])[0])
+
+
+# The patient's left-right axis of the network inputs for axially prepared volumes (the
+# default): W, axis 2 of x [N, H, W, C] (2D) and of the windows x [N, h, w, d, 1] (3D);
+# TEST_FLIP's flip of axes 0 and 1 reverses W, it does not move it.
+LATERAL_AXIS_2D = 1 + left_right_axis("axial")
+LATERAL_AXIS_3D = 1 + left_right_axis("axial")
+
+
+def mirrored(fn, axes, mirror: bool, lateral_axis: int | None = None,
+             permutation: list[int] | None = None):
     """``fn`` (x [N, *spatial, C] -> probabilities [N, *spatial, K]) or, with ``mirror``, the
     mean of its probabilities over every combination of flips along ``axes`` (test-time
-    augmentation: each flipped input's output flipped back)."""
+    augmentation: each flipped input's output flipped back).
+
+    A flip along the patient's left-right axis turns a right-sided organ into something
+    that looks like its left-sided counterpart: the output of every combination that flips
+    ``lateral_axis`` has its channels permuted after being flipped back, channel k taking
+    ``permutation[k]`` (``lateral_permutation`` of LATERAL_PAIRS: the pairs swapped).
+    Without a permutation every output keeps its channels, which assumes that no class has
+    a left-right counterpart (LATERAL_PAIRS empty). A permutation needs ``lateral_axis``
+    among ``axes``; without ``mirror`` it is not used.
+    """
     if not mirror:
         return fn
     import itertools
 
+    if permutation is not None and lateral_axis not in axes:
+        raise ValueError(f"mirrored: a channel permutation needs the lateral axis among the "
+                         f"flipped axes {list(axes)}, got lateral_axis={lateral_axis!r}")
     combos = [c for n in range(len(axes) + 1) for c in itertools.combinations(axes, n)]
 
     def averaged(x):
         total = 0.0
         for flip in combos:
             p = fn(tf.reverse(x, flip) if flip else x)
-            total += tf.reverse(p, flip) if flip else p
+            p = tf.reverse(p, flip) if flip else p
+            if permutation is not None and lateral_axis in flip:
+                p = tf.gather(p, permutation, axis=-1)
+            total += p
         return total / len(combos)
 
     return averaged
@@ -83,17 +117,19 @@ def mirrored(fn, axes, mirror: bool):
 
 def predict_volume_2d(predict_fn, modality: str, image_hwd: np.ndarray, image_size: int,
                       batch_size: int = 16, mirror: bool = False,
-                      probabilities: bool = False) -> np.ndarray:
+                      probabilities: bool = False, *,
+                      permutation: list[int] | None = None) -> np.ndarray:
     """Label map [H, W, D] (int32) for every slice of a volume, or with ``probabilities``
     the class probabilities [H, W, D, C] (float32).
 
     Slices whose in-plane size is not image_size are resized for the network (bilinear) and
     the class probabilities are resized back before the argmax. ``mirror``: averaged over
-    the in-plane flips (``mirrored``).
+    the in-plane flips (``mirrored``), the outputs of the flips along W (LATERAL_AXIS_2D)
+    with their channels permuted by ``permutation`` (``lateral_permutation``; None: none).
     """
     h, w, d = image_hwd.shape
     stacks = stack_context(image_hwd.astype(np.float32))
-    fn = mirrored(predict_fn(modality), [1, 2], mirror)
+    fn = mirrored(predict_fn(modality), [1, 2], mirror, LATERAL_AXIS_2D, permutation)
     out = None
     for start in range(0, d, batch_size):
         x = tf.constant(stacks[start:start + batch_size])
@@ -140,7 +176,8 @@ def gaussian_weights(patch, sigma_scale: float = 1.0 / 8) -> np.ndarray:
 
 def predict_volume_3d(predict_fn, modality: str, image_hwd: np.ndarray, patch, n_class: int,
                       stride_d: int | None = None, batch_size: int = 1,
-                      mirror: bool = False, probabilities: bool = False) -> np.ndarray:
+                      mirror: bool = False, probabilities: bool = False, *,
+                      permutation: list[int] | None = None) -> np.ndarray:
     """Label map [H, W, D] (int32) by sliding patches over the whole volume, the softmax of
     overlapping windows blended with Gaussian weights (``gaussian_weights``); with
     ``probabilities``, the blended class probabilities [H, W, D, C] (float32).
@@ -148,7 +185,9 @@ def predict_volume_3d(predict_fn, modality: str, image_hwd: np.ndarray, patch, n
     Depth windows step by ``stride_d`` (default: half a patch); in-plane windows tile with
     half-patch overlap when the volume is larger than the patch; volumes smaller than the
     patch are zero-padded (edge-replicated) and cropped back. ``batch_size`` windows go
-    through the network at once; ``mirror`` averages each over the flips of its three axes.
+    through the network at once; ``mirror`` averages each over the flips of its three axes
+    (``mirrored``), the outputs of the flips along w (LATERAL_AXIS_3D) with their channels
+    permuted by ``permutation`` (``lateral_permutation``; None: none).
     """
     ph, pw, pd = patch
     h, w, d = image_hwd.shape
@@ -161,7 +200,7 @@ def predict_volume_3d(predict_fn, modality: str, image_hwd: np.ndarray, patch, n
     weight = gaussian_weights(patch)[..., None]
     windows = [(i, j, k) for i in window_starts(H, ph, ph // 2)
                for j in window_starts(W, pw, pw // 2) for k in window_starts(D, pd, stride_d)]
-    fn = mirrored(predict_fn(modality), [1, 2, 3], mirror)
+    fn = mirrored(predict_fn(modality), [1, 2, 3], mirror, LATERAL_AXIS_3D, permutation)
     for b in range(0, len(windows), batch_size):
         chunk = windows[b:b + batch_size]
         x = np.stack([img[i:i + ph, j:j + pw, k:k + pd] for i, j, k in chunk])[..., None]

@@ -28,6 +28,8 @@ from lib.run_dir import (CONFIG_FILE, LOG_FILE, RunLock, check_output, latest_ch
                          latest_step, network_differences, start_output)
 from lib.settings import kd_weight
 from lib.train import Trainer, TrainingError, first_batch, model_variables
+from lib.validation import (VolumeValidator, best_checkpoint, load_validation_volumes,
+                            validation_lists)
 
 MODALITY_LISTS = {"mr": ("SOURCE_TRAIN_LIST", "SOURCE_VAL_LIST", "SOURCE_TEST_LIST"),
                   "ct": ("TARGET_TRAIN_LIST", "TARGET_VAL_LIST", "TARGET_TEST_LIST")}
@@ -68,10 +70,15 @@ def resolve_paths(config: dict, root: str) -> dict:
 
 
 def checkpoint_to_test(config: dict, prefix: str | None, output_path: str) -> str:
-    """The checkpoint prefix to test or predict with (default: the run's latest), checked
-    before any model is built: it exists and was saved with this network."""
+    """The checkpoint prefix to test or predict with, checked before any model is built: it
+    exists and was saved with this network. Without ``prefix`` (TEST_MODEL): the run's best
+    on its validation volumes with TEST_CHECKPOINT "best" (lib/validation.py), else, or when
+    the run validated on none, its latest."""
     if not prefix:
-        prefix = latest_checkpoint(os.path.join(output_path, "checkpoints"))
+        checkpoints = os.path.join(output_path, "checkpoints")
+        if config["TEST_CHECKPOINT"] == "best":
+            prefix = best_checkpoint(checkpoints)
+        prefix = prefix or latest_checkpoint(checkpoints)
         if not prefix:
             raise ConfigError(f"{output_path}: no checkpoint to test; train first or set "
                               "--test_model=PREFIX")
@@ -198,10 +205,14 @@ def _run(config: dict, network: Network, lock: RunLock) -> dict | None:
         if chief:
             start_output(config, output_path, action, logger)
             logger = get_logger(output_path)
-        trainer = Trainer(config, model, output_path, logger, strategy)
+        validator = None
+        if validation_lists(config):
+            validator = VolumeValidator(network.predictor(model, config),
+                                        load_validation_volumes(config), config["N_CLASS"])
+        trainer = Trainer(config, model, output_path, logger, strategy, validator)
         if trainer.restore() != start:
             raise TrainingError(f"{output_path}: restored step {trainer.step}, expected {start}")
-        checkpoint = trainer.fit(train_iter, val, first_batch=batch)
+        trainer.fit(train_iter, val, first_batch=batch)
     if phase == "train" or not chief:
         return None
     checkpoint = _restore_for_test(model, config, checkpoint, output_path, logger)

@@ -15,7 +15,6 @@ One case goes through::
     label_crop_box | center_crop_box  square in-plane box (mm-square), may reach outside
     crop_hw, resample_hw   [H, W, D] -> [S, S, D] (image linear, label nearest)
     stack_slices           [S, S, D] -> [S, S, 3] input around slice k
-    make_augment           on-the-fly (tf.data) or offline random affine + intensity jitter
     restore_prediction     [S, S, D] prediction -> NIfTI in the original scan's geometry
 
 ``prepare_volume`` runs the chain for one case and returns the JSON record (one entry of
@@ -743,60 +742,3 @@ def restore_probabilities(probs_hwdc: np.ndarray, record: dict) -> np.ndarray:
         hwd = 1.0 - hwd if c == 0 else hwd
         out[..., c] = from_canonical(from_slices_last(hwd, record["slice_axis"]), orientation)
     return out
-
-
-# ----------------------------------------------------------------------------- augmentation
-def make_augment(rotation_deg: float = 15.0, scale=(0.9, 1.1), translate: float = 0.05,
-                 intensity: float = 0.1, seed: int | None = None):
-    """Random in-plane affine + intensity jitter, for tf.data ``map`` (opt-in).
-
-    Returns ``augment(image [H, W, C] float32, label [H, W] int, seed=None) -> same``;
-    label may also be [H, W, C'] (several slices warped alike).
-    One sampling grid per call: rotation uniform in +-rotation_deg, isotropic scale uniform
-    in ``scale``, translation uniform in +-translate x size, about the image centre. The image
-    is sampled bilinearly (outside -> its minimum), the label by nearest neighbour (outside
-    -> 0). Intensity: image * (1 + a) + b with a, b uniform in +-intensity (z-score units).
-    With ``seed`` (int) the sequence of draws repeats; with a parallel tf.data map the
-    order in which elements take those draws may still vary. An explicit per-call ``seed``
-    (int64 [2]) makes that call deterministic whatever the order (offline copies use it).
-    """
-    import tensorflow as tf
-
-    lo_s, hi_s = float(scale[0]), float(scale[1])
-    max_angle = math.radians(float(rotation_deg))
-    gen = (tf.random.Generator.from_seed(seed) if seed is not None
-           else tf.random.Generator.from_non_deterministic_state())
-
-    def augment(image, label, seed=None):
-        if seed is None:
-            seed = gen.make_seeds(1)[:, 0]
-        image = tf.convert_to_tensor(image, tf.float32)
-        label = tf.convert_to_tensor(label)
-        u = tf.random.stateless_uniform([6], seed=seed, minval=-1.0, maxval=1.0)
-        size = tf.cast(tf.shape(image)[:2], tf.float32)
-        angle = u[0] * max_angle
-        zoom = lo_s + (u[1] + 1.0) * 0.5 * (hi_s - lo_s)
-        ty, tx = u[2] * translate * size[0], u[3] * translate * size[1]
-        cy, cx = (size[0] - 1.0) * 0.5, (size[1] - 1.0) * 0.5
-        # the op maps output pixel (x, y) to input (a0 x + a1 y + a2, b0 x + b1 y + b2):
-        # the inverse of "scale and rotate about the centre, then shift"
-        a0, a1 = tf.cos(angle) / zoom, tf.sin(angle) / zoom
-        b0, b1 = -tf.sin(angle) / zoom, tf.cos(angle) / zoom
-        a2 = cx - a0 * (cx + tx) - a1 * (cy + ty)
-        b2 = cy - b0 * (cx + tx) - b1 * (cy + ty)
-        transform = tf.reshape(tf.stack([a0, a1, a2, b0, b1, b2, 0.0, 0.0]), [1, 8])
-        out_shape = tf.shape(image)[:2]
-        warped = tf.raw_ops.ImageProjectiveTransformV3(
-            images=image[None], transforms=transform, output_shape=out_shape,
-            fill_value=tf.reduce_min(image), interpolation="BILINEAR",
-            fill_mode="CONSTANT")[0]
-        lab = tf.cast(label, tf.float32)
-        lab = lab[:, :, None] if label.shape.rank == 2 else lab
-        lab = tf.raw_ops.ImageProjectiveTransformV3(
-            images=lab[None], transforms=transform, output_shape=out_shape, fill_value=0.0,
-            interpolation="NEAREST", fill_mode="CONSTANT")[0]
-        lab = lab[:, :, 0] if label.shape.rank == 2 else lab
-        warped = warped * (1.0 + u[4] * intensity) + u[5] * intensity
-        return tf.ensure_shape(warped, image.shape), tf.cast(tf.round(lab), label.dtype)
-
-    return augment

@@ -23,7 +23,7 @@ LOCK_SUFFIX = ".lock"  # OUTPUT_PATH.lock, beside the run folder: held while a r
 LOG_FILE = "log.jsonl"
 # Settings added after runs were saved: a saved config without one had this value.
 LATER_KEYS = {"KD_CLASSES": "all", "OUT_OF_RANGE_LABELS": "error", "ADAM_EPSILON": 1e-7,
-              "LABEL_RESAMPLE": "none"}
+              "LABEL_RESAMPLE": "none", "LR_SCHEDULE": "step", "FOREGROUND_SHARE": 0.0}
 # Settings that change neither what a run trains nor what its test reports.
 BOOKKEEPING_KEYS = {"PHASE", "TENSORBOARD_PORT", "DISPLAY_STEP", "CHECKPOINT_SPACE",
                     "SUMMARY_STEP", "KEEP_CHECKPOINTS", "PROGRESS", "RESUME", "START_OVER",
@@ -36,7 +36,8 @@ RESUMABLE_KEYS = BOOKKEEPING_KEYS | {
     "NUM_STEPS", "SOURCE_TEST_LIST", "TARGET_TEST_LIST", "TEST_STRIDE", "TEST_FLIP", "TEST_MIRROR",
     "LABEL_RESAMPLE", "PAPER_PROTOCOL", "NPZ_FLIP",  # NPZ_FLIP: the test flip of runs saved before TEST_FLIP
     "DATASET_JSON_SOURCE", "DATASET_JSON_TARGET", "SOURCE_VAL_LIST", "TARGET_VAL_LIST",
-    "DISTRIBUTE"}
+    "DISTRIBUTE", "LATERAL_PAIRS", "TEST_CHECKPOINT", "POSTPROCESS", "SOURCE_VAL_VOLUME_LIST",
+    "TARGET_VAL_VOLUME_LIST", "VALIDATE_EVERY"}
 # Settings that define the network: a checkpoint only fits a network with the same ones
 # (and with dropout on or off alike: see network_differences).
 NETWORK_KEYS = ("NETWORK", "N_CLASS", "FEATURE_BASE", "SCHEME")

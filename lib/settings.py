@@ -31,6 +31,9 @@ OUT_OF_RANGE_LABELS = "error"  # labels outside 0..N_CLASS-1: "error" (stop, nam
 LABEL_RESAMPLE = "none"      # a listed label on another voxel grid than its image: "none" (refused, naming the file) or "nearest" (resampled onto it)
 TEST_FLIP = "npz"            # flip test volumes on axes 0, 1: "npz", "released" (.npz + NIfTI not from data/prepare.py) or "none"
 TEST_MIRROR = False          # test/predict: average the softmax over mirrored inputs (test-time augmentation)
+LATERAL_PAIRS = []           # class pairs that swap under a left-right flip, "a:b" (e.g. "2:3" right/left kidney)
+TEST_CHECKPOINT = "best"     # test/predict/export without TEST_MODEL: "best" (on validation volumes; latest if none) or "latest"
+POSTPROCESS = True           # keep a class's largest connected component where that helped on validation volumes
 PAPER_PROTOCOL = False       # also score the test as the published scripts did (README, "Evaluation")
 SCHEME = "ummkd"             # sharing scheme: ummkd, separate_bn, joint, individual, y_shape, x_shape
 
@@ -42,9 +45,15 @@ MIU_SEG_L2_NORM = 1e-4       # weight of the L2 penalty on convolution kernels
 KD_TEMPERATURE = 2.0         # softmax temperature of the distillation loss
 KD_CLASSES = "all"           # KD over "all" classes (the paper) or those "present" in both batches
 ADAM_EPSILON = 1e-7          # Adam's epsilon (Keras' default; the paper presets: 1e-8, the original's)
-LR_DECAY = 0.95              # learning-rate factor applied every LR_DECAY_STEPS (staircase)
+LR_SCHEDULE = "poly"         # "poly": LEARNING_RATE x (1 - step / NUM_STEPS)^0.9 (nnU-Net); "step": x LR_DECAY every LR_DECAY_STEPS (the original)
+LR_DECAY = 0.95              # learning-rate factor applied every LR_DECAY_STEPS (LR_SCHEDULE "step")
 PRECISION = "auto"           # "fp32", "bf16", "fp16" or "auto" (GPU >= 8.0 or CPU with bf16 units: bf16; GPU 7.x: fp16; else fp32)
 XLA = False                  # compile the training step with XLA (for GPUs; slower on CPUs)
+
+# --- validation on whole volumes (README, "Validation and the best checkpoint")
+SOURCE_VAL_VOLUME_LIST = ""  # MR validation volumes ("image,label" lines, as the test lists); empty = none
+TARGET_VAL_VOLUME_LIST = ""  # CT validation volumes; empty = none
+VALIDATE_EVERY = 500         # steps between validations on the volumes (and best-checkpoint updates)
 
 # --- several devices and machines (README, "Training on GPUs")
 DISTRIBUTE = None            # None (one device), "mirrored" (local GPUs) or "multi_worker" (TF_CONFIG)
@@ -73,11 +82,14 @@ CHOICES = {
     "OUT_OF_RANGE_LABELS": ("error", "ignore"),
     "TEST_FLIP": ("npz", "released", "none"),
     "LABEL_RESAMPLE": ("none", "nearest"),
+    "LR_SCHEDULE": ("poly", "step"),
+    "TEST_CHECKPOINT": ("best", "latest"),
     "DISTRIBUTE": (None, "mirrored", "multi_worker"),
 }
 # Settings that count steps or examples: at least 1 (0 would divide by zero mid-training).
 POSITIVE_KEYS = frozenset({"BATCH_SIZE", "CHECKPOINT_SPACE", "DISPLAY_STEP", "SUMMARY_STEP",
-                           "LR_DECAY_STEPS", "KEEP_CHECKPOINTS", "TEST_BATCH"})
+                           "LR_DECAY_STEPS", "KEEP_CHECKPOINTS", "TEST_BATCH",
+                           "VALIDATE_EVERY"})
 SCHEMA_TABLES = ("TYPES", "CHOICES", "POSITIVE_KEYS", "SCHEMA_TABLES")
 
 

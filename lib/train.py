@@ -35,7 +35,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from lib import interrupt, losses
+from lib import interrupt, losses, validation
 from lib.distribute import first_replica, is_chief, local_results, worker
 from lib.layers import MODALITIES, conv_kernels
 from lib.optim import FusedAdam
@@ -62,8 +62,20 @@ class TrainingError(RuntimeError):
     """Training cannot go on (for example a NaN loss); the message names the step."""
 
 
+POLY_POWER = 0.9  # nnU-Net's exponent
+
+
 def learning_rate_schedule(config: dict):
-    """LEARNING_RATE multiplied by LR_DECAY every LR_DECAY_STEPS steps (staircase)."""
+    """The learning rate as a function of the optimizer's step t (LR_SCHEDULE):
+
+    * "poly": LEARNING_RATE x (1 - t / NUM_STEPS)^0.9, 0 from NUM_STEPS on (nnU-Net's
+      polynomial decay): the curve follows the run's length, so NUM_STEPS alone sets it;
+    * "step": LEARNING_RATE x LR_DECAY^floor(t / LR_DECAY_STEPS) (the original's staircase;
+      the paper presets).
+    """
+    if config["LR_SCHEDULE"] == "poly":
+        return keras.optimizers.schedules.PolynomialDecay(
+            config["LEARNING_RATE"], max(int(config["NUM_STEPS"]), 1), 0.0, power=POLY_POWER)
     return keras.optimizers.schedules.ExponentialDecay(
         config["LEARNING_RATE"], config["LR_DECAY_STEPS"], config["LR_DECAY"], staircase=True)
 
@@ -81,10 +93,13 @@ class Trainer:
     """Owns the model, optimizer, checkpoints and the compiled training step.
 
     ``strategy``: the tf.distribute strategy the model was built under (its scope);
-    None means TensorFlow's default strategy (one device).
+    None means TensorFlow's default strategy (one device). ``validator``: a
+    lib.validation.VolumeValidator run every VALIDATE_EVERY steps; the checkpoint of its best
+    score is kept in checkpoints/best (every worker validates and saves, as for the latest).
     """
 
-    def __init__(self, config: dict, model, output_path: str, logger=None, strategy=None):
+    def __init__(self, config: dict, model, output_path: str, logger=None, strategy=None,
+                 validator=None):
         self.config = config
         self.model = model
         self.output_path = output_path
@@ -109,6 +124,13 @@ class Trainer:
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, save_dir,
             max_to_keep=config["KEEP_CHECKPOINTS"], checkpoint_name="model")
+        self.validator = validator
+        self.best_manager = tf.train.CheckpointManager(
+            self.checkpoint, validation.best_dir(save_dir), max_to_keep=1,
+            checkpoint_name="model")
+        # resume keeps the best: its score is the one to beat (every worker reads the
+        # chief's record, so all decide alike whether to save)
+        self.best = validation.read_best(self.checkpoint_dir)
         self.loss_kwargs = dict(
             n_class=self.n_class, miu_dice=config["MIU_SEG_DICE"], miu_ce=config["MIU_SEG_CE"],
             miu_kd=kd_weight(config),
@@ -268,6 +290,8 @@ class Trainer:
                         self.log_and_validate(step, num_steps, terms, images, labels,
                                               val_iter, writers, log_file)
                         bar.set_postfix(loss=f"{last:.3f}")
+                        if self.validation_due(step, num_steps):
+                            self.validate_volumes(step, writers["val"], log_file)
                         if self.checkpoint_due(step) and step < num_steps:
                             self.save(step)
                     bar.update(1)
@@ -331,7 +355,45 @@ class Trainer:
         and the last step. Between them the host only queues steps, so a GPU runs ahead."""
         c = self.config
         return (step == num_steps or step % c["SUMMARY_STEP"] == 0
-                or step % c["DISPLAY_STEP"] == 0 or step % c["CHECKPOINT_SPACE"] == 0)
+                or step % c["DISPLAY_STEP"] == 0 or step % c["CHECKPOINT_SPACE"] == 0
+                or self.validation_due(step, num_steps))
+
+    def validation_due(self, step: int, num_steps: int) -> bool:
+        """Validation on the volumes every VALIDATE_EVERY steps and at the last step."""
+        return self.validator is not None and (
+            step % self.config["VALIDATE_EVERY"] == 0 or step == num_steps)
+
+    def validate_volumes(self, step: int, writer, log_file) -> dict:
+        """Segment the validation volumes with the current weights; log the Dice of every
+        class (log, TensorBoard "volumes/dice/<modality>/<class>", JSON-lines log) and keep
+        this step's checkpoint in checkpoints/best if its score beats the best so far."""
+        result = self.validator()
+        value, dice = result["score"], result["dice"]
+        record = {"step": step, "volumes/score": value}
+        with writer.as_default(step=step):
+            tf.summary.scalar("volumes/score", value)
+            for m, d in dice.items():
+                for name, x in zip(self.class_names, d):
+                    tf.summary.scalar(f"volumes/dice/{m}/{name}", float(x))
+                    record[f"volumes/{m}/{name}"] = float(x)
+        improved = self.best is None or value > self.best["score"]
+        path = self.best_manager.save(checkpoint_number=step) if improved else None
+        if improved:
+            self.best = {"step": step, "score": value}
+            if self.chief:
+                validation.write_best(self.checkpoint_dir, step, value, dice,
+                                      self.class_names, path)
+        if self.chief:
+            self.logger.info(f"step {step}: validation volumes score {value:.4f} ("
+                             + "; ".join(f"{m} " + " ".join(f"{n} {x:.3f}" for n, x in
+                                                             zip(self.class_names, d))
+                                         for m, d in dice.items())
+                             + (", the best so far: kept" if improved else
+                                f"; best {self.best['score']:.4f} at step "
+                                f"{self.best['step']}") + ")")
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+        return result
 
     def checkpoint_due(self, step: int) -> bool:
         """Every CHECKPOINT_SPACE steps; with CHECKPOINT_MINUTES, only once that long has

@@ -186,7 +186,7 @@ def test_one_record_per_file_draws_file_u_k(tmp_path):
 
 
 def test_augmentation_is_keyed_by_slice_and_repeats_on_resume(tmp_path):
-    from lib.prep import make_augment
+    from lib.augment import IDENTITY, make_augment
 
     rng = np.random.default_rng(0)
     image = rng.normal(size=(16, 16, 3)).astype(np.float32)
@@ -195,7 +195,9 @@ def test_augmentation_is_keyed_by_slice_and_repeats_on_resume(tmp_path):
 
     def batches(start_step, n):
         ds = data.slice_dataset([path], 16, 2, seed=1, start_step=start_step,
-                                augment=make_augment(seed=0))
+                                augment=make_augment({**{k: (0.0, v, v) for k, v in IDENTITY.items()},
+                                                      "rotate": (1.0, -15.0, 15.0),
+                                                      "noise": (1.0, 0.1, 0.1)}))
         return [x.numpy() for x, _ in (b for _, b in zip(range(n), ds))]
 
     full, resumed = batches(0, 4), batches(2, 2)
@@ -269,7 +271,7 @@ def test_resumed_validation_stream_continues_where_it_stopped(tiny_data):
     """Training validates one batch every DISPLAY_STEP steps: resumed at step 10 with
     DISPLAY_STEP 5, the validation stream starts at its third batch (2 used before)."""
     config = dict(SEED=0, IMAGE_SIZE=16, BATCH_SIZE=2, N_CLASS=3, CHECK_DATA=False,
-                  DISPLAY_STEP=5, OUT_OF_RANGE_LABELS="error")
+                  DISPLAY_STEP=5, OUT_OF_RANGE_LABELS="error", FOREGROUND_SHARE=0.0)
     assert [data.validation_start(config, s) for s in (0, 4, 5, 10, 14)] == [0, 0, 1, 2, 2]
     train = {m: tiny_data[m]["train"] for m in ("mr", "ct")}
     val = {m: tiny_data[m]["val"] for m in ("mr", "ct")}

@@ -25,6 +25,21 @@ def test_folds_test_every_patient_once_and_never_train_on_it():
         heldout.make_folds(names[:7], 8)
 
 
+def test_validation_patients_come_from_the_training_patients_of_their_fold():
+    names = [f"p{i}" for i in range(20)]
+    plain = heldout.make_folds(names, 4, seed=0)
+    folds = heldout.make_folds(names, 4, seed=0, n_val=3)
+    for fold, base in zip(folds, plain):
+        assert fold["test"] == base["test"]  # the test groups do not move
+        assert len(fold["val"]) == 3 and len(fold["train"]) == 12
+        assert set(fold["val"]) <= set(base["train"])
+        assert not set(fold["val"]) & set(fold["train"])
+        assert sorted(fold["train"] + fold["val"]) == sorted(base["train"])
+    assert heldout.make_folds(names, 4, seed=0, n_val=3) == folds
+    with pytest.raises(heldout.HeldOutError, match="expected 0..14 patients"):
+        heldout.make_folds(names, 4, seed=0, n_val=15)
+
+
 def test_split_files_are_kept_and_never_changed(tmp_path):
     path = str(tmp_path / "splits" / "mr_fold0.json")
     split = {"train": ["a", "b"], "val": [], "test": ["c"]}
@@ -39,11 +54,12 @@ def test_split_files_are_kept_and_never_changed(tmp_path):
 @pytest.mark.skipif(not os.path.isdir(os.path.join(heldout.SHARED, heldout.MR_FOLDER)),
                     reason="../shared/data/chaos_t2_mr is not there")
 def test_the_real_split_files(tmp_path):
-    files = heldout.splits(str(tmp_path), 4)
+    files = heldout.splits(str(tmp_path), 4, n_val=3)
     folds = [json.load(open(p)) for p in files["mr"]]
     tested = [n for f in folds for n in f["test"]]
     assert len(tested) == len(set(tested)) == 20
     assert all(not set(f["train"]) & set(f["test"]) for f in folds)
+    assert all(len(f["val"]) == 3 and not set(f["val"]) & set(f["test"]) for f in folds)
     assert json.load(open(files["ct"])) == {"train": ["ct_0001"], "val": [], "test": ["series"]}
 
 
