@@ -332,7 +332,8 @@ def _save_labels(path: str, labels: np.ndarray, record: dict | None, affine) -> 
 
 
 def score_in_scan_geometry(predict, modality: str, record: dict, gt_path: str,
-                           preparation: dict, classes: dict, pred_path: str) -> dict | None:
+                           preparation: dict, classes: dict, pred_path: str,
+                           postprocess=None) -> dict | None:
     """Metrics of one test case in its original scan's geometry, or None when the scan or
     its full-resolution ground truth ``gt_path`` (data/prepare.py's ``<case>_gt.nii.gz``) is
     missing.
@@ -348,7 +349,8 @@ def score_in_scan_geometry(predict, modality: str, record: dict, gt_path: str,
 
     if not os.path.exists(record.get("image", "")) or not os.path.isfile(gt_path):
         return None
-    labels, _ = segment_scan(predict, modality, record["image"], preparation)
+    labels, _ = segment_scan(predict, modality, record["image"], preparation,
+                             postprocess=postprocess)
     with atomic_path(pred_path) as tmp:
         nib.save(labels, tmp)
     gt = nib.load(gt_path)
@@ -360,7 +362,8 @@ def evaluate(predict, test_lists: dict, class_names: list[str], output_path: str
              checkpoint: str, log=print, log_path: str | None = None, *, flip: str = "npz",
              out_of_range: str = "error", paper_protocol: bool = False,
              coverage=None, preparations: dict | None = None,
-             progress: bool = False, label_resample: str = "none") -> dict:
+             progress: bool = False, label_resample: str = "none",
+             postprocess: dict | None = None) -> dict:
     """Predict every test volume of every modality, score it and write the results.
 
     predict(modality, image [H, W, D]) -> labels [H, W, D]; test_lists maps modality ->
@@ -376,7 +379,9 @@ def evaluate(predict, test_lists: dict, class_names: list[str], output_path: str
     (``score_in_scan_geometry``), written as ``scan_geometry`` in metrics.json and
     metrics_scan_geometry.csv, the masks as predictions/<case>_scan.nii.gz.
     ``progress``: a progress bar over the test volumes. ``label_resample``: LABEL_RESAMPLE
-    (load_volume). Returns the metrics.json dict.
+    (load_volume). ``postprocess``: {modality: labels -> labels} applied to every prediction
+    of that modality before it is scored or written (both protocols). Returns the
+    metrics.json dict.
     """
     from tqdm import tqdm
 
@@ -393,6 +398,7 @@ def evaluate(predict, test_lists: dict, class_names: list[str], output_path: str
     for modality, list_path in test_lists.items():
         cases, paper_cases, scan_cases, shown, unit = [], [], [], False, "mm"
         preparation = (preparations or {}).get(modality)
+        post = (postprocess or {}).get(modality)
         volumes = load_test_volumes(list_path, flip=flip, label_resample=label_resample)
         count_test_labels([v for v, _ in volumes], n_class).apply(
             out_of_range, f"{modality} test volumes", log)
@@ -411,6 +417,8 @@ def evaluate(predict, test_lists: dict, class_names: list[str], output_path: str
                     f"dataset.json record): its surface distances are in voxels")
             t0 = time.time()
             pred = predict(modality, volume.image)
+            if post is not None:
+                pred = post(pred)
             case = {"case": volume.name,
                     **metrics.evaluate_case(pred, volume.label, volume.spacing, classes)}
             cases.append(case)
@@ -442,7 +450,8 @@ def evaluate(predict, test_lists: dict, class_names: list[str], output_path: str
             scored = None
             if preparation is not None and record is not None:
                 scored = score_in_scan_geometry(predict, modality, record, exact_gt,
-                                                preparation, classes, stem + "_scan.nii.gz")
+                                                preparation, classes, stem + "_scan.nii.gz",
+                                                post)
                 if scored is not None:
                     scan_cases.append({"case": volume.name, **scored})
             log(f"  {modality} {volume.name}: Dice " + ", ".join(

@@ -212,6 +212,7 @@ _PANELS = (
     ("KD loss", lambda k: k.startswith("loss/kd")),
     ("other losses", lambda k: k.startswith("loss/")),
     ("validation Dice", lambda k: k.startswith("val/")),
+    ("Dice on the validation volumes", lambda k: k.startswith("volumes/")),
     ("learning rate", lambda k: k == "lr"),
     ("other", lambda k: True),
 )
@@ -221,7 +222,8 @@ def training_curves(path: str, log_path: str, title: str = "") -> None:
     """Save training curves from a JSON-lines log (one {"step": int, key: value, ...} per line).
 
     Panels (only those with data): total loss, Dice losses per modality, CE per modality, KD,
-    other losses (e.g. L2), validation Dice, learning rate, any other numeric key. Keys missing
+    other losses (e.g. L2), validation Dice (batches), Dice on the validation volumes
+    (lib/validation.py), learning rate, any other numeric key. Keys missing
     on some lines are plotted from the lines that have them. An empty or unreadable log gives
     a figure that says so.
     """

@@ -225,13 +225,53 @@ def _run(config: dict, network: Network, lock: RunLock) -> dict | None:
     coverage = None
     if network.paper_coverage is not None:
         coverage = lambda depth: network.paper_coverage(config, depth)
+    post = postprocessing(config, network, model, checkpoint, output_path, logger.info,
+                          choose=True)
     return evaluate(predict, {m: lists[m]["test"] for m in lists}, config["CLASS_NAMES"],
                     output_path, checkpoint, log=logger.info,
                     log_path=os.path.join(output_path, LOG_FILE), flip=config["TEST_FLIP"],
                     out_of_range=config["OUT_OF_RANGE_LABELS"],
                     paper_protocol=config["PAPER_PROTOCOL"], coverage=coverage,
                     preparations=preparations, progress=config["PROGRESS"],
-                    label_resample=config["LABEL_RESAMPLE"])
+                    label_resample=config["LABEL_RESAMPLE"], postprocess=post)
+
+
+def postprocessing(config: dict, network: Network, model, checkpoint: str, output_path: str,
+                   log, choose: bool = False) -> dict:
+    """{modality: labels [H, W, D] -> labels}: the largest-component rule of
+    lib/postprocess.py for the restored ``checkpoint`` (POSTPROCESS). With ``choose`` (the
+    test phase) and validation volumes, it is chosen on them now, per modality, and written
+    to the run folder (postprocessing_<modality>.json, with the checkpoint's name);
+    otherwise (predict, or no validation volumes) the choice recorded there for this
+    checkpoint is used, and none when there is none."""
+    import functools
+
+    from lib import postprocess
+
+    if not config["POSTPROCESS"]:
+        return {}
+    name = os.path.relpath(checkpoint, os.path.join(output_path, "checkpoints"))
+    path = lambda m: os.path.join(output_path, postprocess.CHOICE_FILE.format(modality=m))
+    choices = {}
+    if choose and validation_lists(config):
+        validator = VolumeValidator(network.predictor(model, config),
+                                    load_validation_volumes(config), config["N_CLASS"])
+        predictions, truths = validator()["predictions"], validator.truths()
+        for m in predictions:
+            choices[m] = {**postprocess.choose(predictions[m], truths[m], config["N_CLASS"]),
+                          "checkpoint": name}
+            postprocess.save_choice(path(m), choices[m])
+    else:
+        for m in MODALITY_LISTS:
+            found = postprocess.load_choice(path(m))
+            if found is not None and found.get("checkpoint") == name:
+                choices[m] = found
+    names = dict(enumerate(config["CLASS_NAMES"], start=1))
+    for m, choice in choices.items():
+        log(f"post-processing {m} ({name}, chosen on {choice.get('cases', '?')} validation "
+            f"volumes): largest connected component of "
+            + (", ".join(names[c] for c in choice["keep_largest"]) or "no class"))
+    return {m: functools.partial(postprocess.apply, choice=c) for m, c in choices.items()}
 
 
 def _predict(config: dict, network: Network, strategy) -> list[dict]:
@@ -264,10 +304,12 @@ def _predict(config: dict, network: Network, strategy) -> list[dict]:
     with strategy.scope():
         model = network.build_model(config)
     _restore_for_test(model, config, prefix, output_path, logger, "segmenting with")
+    post = postprocessing(config, network, model, prefix, output_path, logger.info)
     return predict.predict_scans(network.predictor(model, config), modality, scans, out_dir,
                                  preparation, config["CLASS_NAMES"], log=logger.info,
                                  progress=config["PROGRESS"],
-                                 probabilities=config["PREDICT_PROBABILITIES"])
+                                 probabilities=config["PREDICT_PROBABILITIES"],
+                                 postprocess=post.get(modality))
 
 
 def _export(config: dict, network: Network, strategy) -> str:

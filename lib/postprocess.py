@@ -31,7 +31,8 @@ The choice dict, JSON-serialisable::
     {"keep_largest": [class ids, ascending],
      "dice_before": {class id: mean Dice as predicted},
      "dice_after": {class id: mean Dice after keep_largest for that class only},
-     "cases": number of validation cases}
+     "cases": number of validation cases,
+     "checkpoint": the checkpoint whose predictions chose it (optional; the run records it)}
 
 Class ids are ints in memory; JSON stores the dict keys as strings and ``load_choice``
 turns them back into ints, so a saved choice loads equal to the one saved.
@@ -49,7 +50,7 @@ from scipy import ndimage
 from lib.files import write_json
 from lib.metrics import dice_score
 
-CHOICE_FILE = "postprocessing.json"
+CHOICE_FILE = "postprocessing_{modality}.json"  # in the run folder, one per modality
 
 
 # ----------------------------------------------------------------------------- components
@@ -227,6 +228,11 @@ def _checked(choice, where: str) -> dict:
                     raise ValueError(f'"{key}"[{k!r}] must be a Dice in [0, 1], got {v!r}')
                 values[c] = float(v)
             out[key] = values
+        if "checkpoint" in choice:
+            if not isinstance(choice["checkpoint"], str):
+                raise ValueError(f'"checkpoint" must be a checkpoint name, got '
+                                 f'{choice["checkpoint"]!r}')
+            out["checkpoint"] = choice["checkpoint"]
         if "cases" in choice:
             n = choice["cases"]
             if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral) or n < 0:
@@ -240,7 +246,8 @@ def _checked(choice, where: str) -> dict:
 def save_choice(path: str, choice: Mapping) -> None:
     """Write ``choice`` (as returned by ``choose``) to ``path`` as JSON, atomically.
 
-    ``path`` is the file, conventionally ``os.path.join(run_dir, CHOICE_FILE)``. A malformed
+    ``path`` is the file, conventionally ``os.path.join(run_dir,
+    CHOICE_FILE.format(modality=m))``. A malformed
     choice raises ValueError and writes nothing.
     """
     write_json(path, _checked(choice, f"post-processing choice for {path}"), allow_nan=False)

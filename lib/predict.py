@@ -153,29 +153,34 @@ def class_volumes_ml(labels: np.ndarray, affine, class_names) -> dict:
 
 
 def segment_scan(predict, modality: str, path: str, preparation: dict,
-                 probabilities: bool = False):
+                 probabilities: bool = False, postprocess=None):
     """(label map NIfTI, probabilities NIfTI or None) of one scan, both in its own geometry.
 
     ``predict(modality, image [S, S, D], probabilities=True) -> [S, S, D, C]``; the labels
-    are uint8, the probabilities [X, Y, Z, C] float32 (every voxel sums to 1)."""
+    are uint8, the probabilities [X, Y, Z, C] float32 (every voxel sums to 1).
+    ``postprocess``: labels [X, Y, Z] -> labels, applied to the argmax at the scan's
+    resolution (the run's post-processing, lib/postprocess.py); the probabilities are the
+    network's."""
     image, record = prepare_scan(path, preparation)
     probs = prep.restore_probabilities(predict(modality, image, probabilities=True), record)
-    labels = prep.scan_nifti(np.argmax(probs, axis=-1), record)
+    labels = np.argmax(probs, axis=-1)
+    labels = prep.scan_nifti(postprocess(labels) if postprocess else labels, record)
     return labels, prep.scan_nifti(probs, record, np.float32) if probabilities else None
 
 
 def predict_scans(predict, modality: str, scans, out_dir: str, preparation: dict,
                   class_names, log=print, progress: bool = True,
-                  probabilities: bool = False) -> list[dict]:
+                  probabilities: bool = False, postprocess=None) -> list[dict]:
     """Segment every scan (``segment_scan``); write ``<name>_seg.nii.gz`` (uint8, the scan's
     geometry) per scan, with ``probabilities`` also ``<name>_prob.nii.gz`` ([X, Y, Z, C]
-    float32, class 0 first), and volumes.csv. Returns one row per scan (name, input, shape,
+    float32, class 0 first), and volumes.csv; ``postprocess``: segment_scan's. Returns one row per scan (name, input, shape,
     the volume of every class in mL)."""
     from tqdm import tqdm
 
     rows = []
     for scan in tqdm(scans, desc="predict", disable=not progress, dynamic_ncols=True):
-        nii, probs = segment_scan(predict, modality, scan, preparation, probabilities)
+        nii, probs = segment_scan(predict, modality, scan, preparation, probabilities,
+                                  postprocess)
         paths = output_paths(scan, out_dir)
         for key, img in (("labels", nii), ("probabilities", probs)):
             if img is not None:

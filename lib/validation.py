@@ -18,7 +18,7 @@ import os
 import numpy as np
 
 from lib.files import write_json
-from lib.metrics import dice_score
+from lib.postprocess import dice_per_class
 
 BEST_DIR = "best"          # under <OUTPUT_PATH>/checkpoints
 BEST_FILE = "best.json"    # in BEST_DIR
@@ -38,12 +38,6 @@ def load_validation_volumes(config: dict) -> dict:
     return {m: [v for v, _ in load_test_volumes(path, flip=config["TEST_FLIP"],
                                                 label_resample=config["LABEL_RESAMPLE"])]
             for m, path in validation_lists(config).items()}
-
-
-def class_dice(pred: np.ndarray, truth: np.ndarray, n_class: int) -> np.ndarray:
-    """[n_class - 1] Dice of classes 1..n_class-1 of two label maps [H, W(, D)] (1.0 for a
-    class absent from both, lib.metrics.dice_score)."""
-    return np.array([dice_score(pred == c, truth == c) for c in range(1, n_class)])
 
 
 def score(dice: dict) -> float:
@@ -71,7 +65,7 @@ class VolumeValidator:
         predictions, dice = {}, {}
         for m, vols in self.volumes.items():
             predictions[m] = [np.asarray(self.predict(m, v.image)) for v in vols]
-            dice[m] = np.mean([class_dice(p, v.label, self.n_class)
+            dice[m] = np.mean([dice_per_class(p, v.label, self.n_class)
                                for p, v in zip(predictions[m], vols)], axis=0)
         return {"dice": dice, "score": score(dice), "predictions": predictions}
 

@@ -135,3 +135,27 @@ def test_fp16_steps_skipped_by_the_loss_scaler_are_not_logged_or_saved(tmp_path)
     saved = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "checkpoints",
                                                                       "model-*.index")))
     assert saved == ["model-1.index", "model-2.index", "model-3.index"]
+
+
+def test_the_recipe_validates_keeps_the_best_and_chooses_post_processing(tiny_data, tmp_path):
+    """Augmentation, forced foreground draws and the poly schedule train; the validation
+    volumes are segmented every 2 steps, the best checkpoint is tested, and the
+    post-processing is chosen on the validation volumes for it and recorded."""
+    out = str(tmp_path / "run")
+    val = {m: tiny_data[m]["test"] for m in ("mr", "ct")}  # image,label lines, as a test list
+    args = tiny_overrides(tiny_data, out, phase="train_test", num_steps=6, validate_every=2,
+                          augment=True, foreground_share=0.5, lr_schedule="poly",
+                          source_val_volume_list=val["mr"], target_val_volume_list=val["ct"])
+    assert run(args) == 0
+    best = json.load(open(os.path.join(out, "checkpoints", "best", "best.json")))
+    assert best["step"] in (2, 4, 6) and set(best["dice"]) == {"mr", "ct"}
+    lines = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert [r["step"] for r in lines if "volumes/score" in r] == [2, 4, 6]
+    report = json.load(open(os.path.join(out, "results", "metrics.json")))
+    assert report["checkpoint"] == os.path.join(out, "checkpoints", "best", best["checkpoint"])
+    for m in ("mr", "ct"):
+        choice = json.load(open(os.path.join(out, f"postprocessing_{m}.json")))
+        assert choice["checkpoint"] == os.path.join("best", best["checkpoint"])
+        assert choice["cases"] == 1
+    log = open(os.path.join(out, "train.log"), encoding="utf-8").read()
+    assert "post-processing mr (best/" in log and "validation volumes score" in log

@@ -111,16 +111,6 @@ def test_a_run_without_validation_tests_its_latest(tmp_path):
                                                                            "model-3"))
 
 
-@pytest.mark.parametrize("pred, truth, want", [
-    # classes 1, 2 of 2 x 2 maps: class 1 2*1/(2+1), class 2 2*1/(1+2)
-    ([[1, 1], [2, 0]], [[1, 0], [2, 2]], [2 / 3, 2 / 3]),
-    # class 2 absent from both: 1.0; class 1 missed: 0
-    ([[0, 0], [0, 0]], [[1, 0], [0, 0]], [0.0, 1.0]),
-])
-def test_class_dice(pred, truth, want):
-    np.testing.assert_allclose(validation.class_dice(np.array(pred), np.array(truth), 3), want)
-
-
 def test_the_validator_scores_every_volume_as_the_test_phase_would():
     """Two MR volumes (Dice of class 1: 1 and 0.5, class 2: 1 and 1), one CT (0 and 1): the
     score is the mean over modalities of the mean over classes: (0.875 + 0.5) / 2."""
