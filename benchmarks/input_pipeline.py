@@ -9,7 +9,10 @@ parallel reads, parsing, checks, batching; a draw from a shard reads the shard u
 drawn slice) for --batches batches, and a plain Python loop that reads the same files'
 bytes in the same process, and (as the ceiling for any pipeline built from TensorFlow's
 ops) a tf.data loop that only reads the same files whole with tf.io.read_file and batches
-them. Prints ONE JSON line.
+them. With --augment it also times the pipeline with the 2D entry script's augmentation
+(lib/augment.py, the AUG_* defaults of main_combine.py) and with every transform applied to
+every slice (``..._all_transforms``): compare with the slices a training step consumes
+(2 x batch per step). Prints ONE JSON line.
 """
 from __future__ import annotations
 
@@ -47,8 +50,19 @@ def write(folder, n, size, shard_size):
     return single, sharded
 
 
-def pipeline_rate(files, size, batch, batches):
-    ds = slice_dataset(files, size, batch, seed=0, n_class=5)
+def augmentations() -> dict:
+    """{name: lib.augment params}: main_combine.py's defaults, and all transforms always."""
+    import main_combine
+    from lib.augment import settings_of
+
+    defaults = settings_of(vars(main_combine))
+    return {"augmented": defaults,
+            "augmented_all_transforms": {k: (1.0, lo, hi) for k, (_, lo, hi) in
+                                         defaults.items()}}
+
+
+def pipeline_rate(files, size, batch, batches, augment=None):
+    ds = slice_dataset(files, size, batch, seed=0, n_class=5, augment=augment)
     it = iter(ds)
     next(it)  # warm-up: graph construction and the first reads
     t = time.perf_counter()
@@ -84,6 +98,7 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--batches", type=int, default=50)
     p.add_argument("--shard_size", type=int, default=64)
+    p.add_argument("--augment", action="store_true", help="also time the augmented pipeline")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
         single, sharded = write(folder, args.slices, args.image_size, args.shard_size)
@@ -101,6 +116,13 @@ def main(argv=None):
             out[name] = {"pipeline_slices_per_s": pipe, "plain_read_slices_per_s": plain,
                          "ratio": pipe / plain, "tf_read_file_slices_per_s": tf_read,
                          "tf_read_file_ratio": tf_read / plain}
+            if args.augment:
+                from lib.augment import make_augment
+
+                for key, params in augmentations().items():
+                    out[name][f"{key}_slices_per_s"] = pipeline_rate(
+                        files, args.image_size, args.batch_size, args.batches,
+                        make_augment(params))
     print(json.dumps(out))
 
 

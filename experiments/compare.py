@@ -648,6 +648,10 @@ def compare_heldout(args, overrides, log=print) -> int:
     write_text(os.path.join(args.out, "comparison.md"), text + "\n")
     heldout.paired_figure(os.path.join(args.out, "comparison.png"), rows, "prepared",
                           args.schemes, title="Per-patient Dice, held-out patients")
+    heldout.learning_curves(os.path.join(args.out, "learning_curves.png"),
+                            {f"{s} seed {k} fold {f}": path
+                             for (s, k, f), (_, path, _) in runs.items()},
+                            title="Validation patients of each fold (model selection)")
     log(text)
     failed = [f"{s}/seed{k}/fold{f}" for (s, k, f), st in status.items() if st == "failed"]
     if failed:

@@ -310,3 +310,27 @@ def paired_figure(path: str, rows, protocol: str, schemes, pair=("ummkd", "separ
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     _save(fig, path)
+
+
+def learning_curves(path: str, runs: dict, title: str = "") -> None:
+    """The validation score (lib/validation.py: mean Dice over the validation patients'
+    organs) against the training step, one line per run; ``runs``: {label: run folder}
+    (its log.jsonl). Runs without validation lines are left out."""
+    from lib.figures import _new_figure, _save, read_log
+
+    fig = _new_figure((6.0, 4.0))
+    ax = fig.add_subplot(1, 1, 1)
+    for label, folder in runs.items():
+        points = sorted((r["step"], r["volumes/score"]) for r in
+                        read_log(os.path.join(folder, "log.jsonl")) if "volumes/score" in r)
+        if points:
+            ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation Dice (mean over organs)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)

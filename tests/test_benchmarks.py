@@ -66,10 +66,12 @@ def test_train_step_benchmark_3d_json():
 
 def test_input_pipeline_benchmark_json():
     r = bench("input_pipeline.py", "--slices=16", "--image_size=16", "--batch_size=4",
-              "--batches=3", "--shard_size=8")
+              "--batches=3", "--shard_size=8", "--augment")
     for layout in ("one_per_file", "sharded"):
         assert set(r[layout]) == {"pipeline_slices_per_s", "plain_read_slices_per_s", "ratio",
-                                  "tf_read_file_slices_per_s", "tf_read_file_ratio"}
+                                  "tf_read_file_slices_per_s", "tf_read_file_ratio",
+                                  "augmented_slices_per_s",
+                                  "augmented_all_transforms_slices_per_s"}
         got = r[layout]
         assert got["ratio"] == pytest.approx(
             got["pipeline_slices_per_s"] / got["plain_read_slices_per_s"])

@@ -163,3 +163,16 @@ def test_the_seed_spread_is_each_seed_alone():
     text = compare.heldout_tables(rows, ["ummkd"], ["liver"], {"ummkd": 1}, [])
     assert "| ummkd | 0.600 | 0.450 | - | - | 0.150 | - |" in text
     assert "Seed spread" not in compare.heldout_tables(rows[:2], ["ummkd"], ["liver"], {}, [])
+
+
+def test_learning_curves_read_the_validation_lines(tmp_path):
+    run = tmp_path / "fold0"
+    run.mkdir()
+    (run / "log.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"step": 10, "loss/total": 1.0}, {"step": 10, "volumes/score": 0.4},
+        {"step": 20, "volumes/score": 0.6}]) + "\n")
+    empty = tmp_path / "none"
+    empty.mkdir()
+    path = str(tmp_path / "curves.png")
+    heldout.learning_curves(path, {"fold 0": str(run), "no validation": str(empty)})
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
