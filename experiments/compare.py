@@ -19,12 +19,15 @@ average Dice over the classes.
     python experiments/compare.py --preset=heldout --seeds=1      # real held-out patients
 
 With ``--preset=heldout`` (experiments/heldout.py) the runs are schemes x seeds x folds on real
-patients: the CHAOS MR patients of ../shared in ``--folds`` folds (each tested once), the CT of
-abdomen_real trained on and the DICOM patient tested in every fold; OUTPUT_PATH =
-<out>/<scheme>/seed<k>/fold<f>. It writes the per-patient results (comparison.csv), the
-tables with the Wilcoxon signed-rank test of UMMKD against each baseline over patients
-(comparison.md) and the per-patient figure (comparison.png). The last checkpoint of every run
-is tested: no model is chosen on the test patients.
+patients: the CHAOS MR patients of ../shared in ``--folds`` folds (each tested once; of each
+fold's training patients ``--val_patients`` validate), the CT of abdomen_real trained on and
+the DICOM patient tested in every fold; OUTPUT_PATH = <out>/<scheme>/seed<k>/fold<f>. It
+writes the per-patient results (comparison.csv), the tables with the Wilcoxon signed-rank
+test of UMMKD against each baseline over patients (comparison.md), the per-patient figure
+(comparison.png) and the validation score against the step of every run
+(learning_curves.png). Every run tests its best checkpoint on its validation patients
+(TEST_CHECKPOINT), with the post-processing chosen on them: nothing is chosen on the test
+patients.
 
 Any other --name=value is a setting of the entry script (see `python main_combine.py
 --help`) and is passed to every run. Relative paths are relative to the repository root.

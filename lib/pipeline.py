@@ -202,13 +202,13 @@ def _run(config: dict, network: Network, lock: RunLock) -> dict | None:
         val = (distribute_dataset(strategy, compact_batches(val, dtype, config["N_CLASS"]))
                if val is not None else None)
         train_iter, batch = first_batch(train)
+        validator = None
+        if validation_lists(config):  # read (and checked) before anything is written
+            validator = VolumeValidator(network.predictor(model, config),
+                                        load_validation_volumes(config), config["N_CLASS"])
         if chief:
             start_output(config, output_path, action, logger)
             logger = get_logger(output_path)
-        validator = None
-        if validation_lists(config):
-            validator = VolumeValidator(network.predictor(model, config),
-                                        load_validation_volumes(config), config["N_CLASS"])
         trainer = Trainer(config, model, output_path, logger, strategy, validator)
         if trainer.restore() != start:
             raise TrainingError(f"{output_path}: restored step {trainer.step}, expected {start}")
