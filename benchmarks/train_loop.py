@@ -72,7 +72,8 @@ def main(argv=None):
     config = dict(defaults(vars(settings)), NETWORK="dilated_resnet_2d", N_CLASS=5,
                   CLASS_NAMES=["a", "b", "c", "d"], IMAGE_SIZE=args.image_size,
                   FEATURE_BASE=args.feature_base, DROPOUT=0.25, BATCH_SIZE=args.batch_size,
-                  LEARNING_RATE=1e-3, LR_DECAY_STEPS=1000, SUMMARY_STEP=args.summary_step,
+                  LEARNING_RATE=1e-3, LR_SCHEDULE="step", LR_DECAY_STEPS=1000,
+                  SUMMARY_STEP=args.summary_step,
                   DISPLAY_STEP=10 ** 9, CHECKPOINT_SPACE=10 ** 9, PROGRESS=False,
                   PRECISION="fp32")
     precision = setup_runtime(config)

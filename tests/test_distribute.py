@@ -40,7 +40,7 @@ def _config(net: str) -> dict:
     config = constants(vars(settings))
     config.update(N_CLASS=3, CLASS_NAMES=["a", "b"], SCHEME="ummkd", MIU_KD=0.5,
                   SYNC_BN=True, PRECISION="fp32", BATCH_SIZE=BATCH, LEARNING_RATE=1e-3,
-                  LR_DECAY_STEPS=100, CPU_DEVICES=2, **NETWORKS[net])
+                  LR_SCHEDULE="step", LR_DECAY_STEPS=100, CPU_DEVICES=2, **NETWORKS[net])
     if net == "3d":  # the KD over the classes present in both batches (global counts)
         config["KD_CLASSES"] = "present"
     return config
@@ -339,8 +339,9 @@ def test_multi_worker_two_processes_equal_one_process(tiny_data, tmp_path):
     # Synchronised BN and no dropout: the two workers' halves of each batch then give the
     # losses of the whole batch exactly (up to float rounding).
     # No validation stream: it would only add the tracing of another step function.
+    # The staircase schedule: with "poly" the 2-step first run would decay to 0 at its end.
     common = dict(sync_bn="true", dropout=0.0, num_steps=2, checkpoint_space=2,
-                  source_val_list="", target_val_list="")
+                  source_val_list="", target_val_list="", lr_schedule="step")
     single = str(tmp_path / "single")
     args = tiny_overrides(tiny_data, single, phase="train", **dict(common, num_steps=4))
     assert main(vars(main_combine), main_combine.network, args, main_combine.PRESETS,

@@ -108,7 +108,8 @@ def test_fp16_steps_skipped_by_the_loss_scaler_are_not_logged_or_saved(tmp_path)
     from lib.config import constants
 
     cfg = dict(constants(vars(settings)), N_CLASS=3, CLASS_NAMES=["a", "b"], FEATURE_BASE=2,
-               DROPOUT=0.0, PRECISION="fp16", LEARNING_RATE=1e-3, LR_DECAY_STEPS=100,
+               DROPOUT=0.0, PRECISION="fp16", LEARNING_RATE=1e-3,
+               LR_SCHEDULE="step", LR_DECAY_STEPS=100,
                NUM_STEPS=3, DISPLAY_STEP=100, CHECKPOINT_SPACE=1, SUMMARY_STEP=1,
                PROGRESS=False)
     rng = np.random.default_rng(0)

@@ -104,7 +104,8 @@ def trainer(tmp_path_factory):
     from model_2d import build_model
 
     cfg = dict(defaults(vars(settings)), N_CLASS=3, CLASS_NAMES=["a", "b"], FEATURE_BASE=2,
-               DROPOUT=0.0, PRECISION="fp32", LEARNING_RATE=1e-3, LR_DECAY_STEPS=100,
+               DROPOUT=0.0, PRECISION="fp32", LEARNING_RATE=1e-3,
+               LR_SCHEDULE="step", LR_DECAY_STEPS=100,
                NUM_STEPS=10, DISPLAY_STEP=6, CHECKPOINT_SPACE=5, SUMMARY_STEP=4,
                PROGRESS=False, IMAGE_SIZE=16, NETWORK="dilated_resnet_2d")
     return Trainer(cfg, build_model(cfg), str(tmp_path_factory.mktemp("run")))
