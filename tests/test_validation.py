@@ -10,6 +10,7 @@ import tensorflow as tf
 from lib import settings, validation
 from lib.config import defaults
 from lib.data import Volume
+from test_train_loop import _batches  # the same random batches as the loop tests
 
 
 def _config(**over):
@@ -18,15 +19,6 @@ def _config(**over):
         LEARNING_RATE=1e-3, NUM_STEPS=8, DISPLAY_STEP=100, CHECKPOINT_SPACE=100,
         SUMMARY_STEP=100, VALIDATE_EVERY=2, PROGRESS=False, IMAGE_SIZE=16,
         NETWORK="dilated_resnet_2d"), **over}
-
-
-def _batches(seed=0):
-    rng = np.random.default_rng(seed)
-    while True:
-        yield ({m: tf.constant(rng.normal(size=[2, 16, 16, 3]), tf.float32)
-                for m in ("mr", "ct")},
-               {m: tf.constant(rng.integers(0, 3, [2, 16, 16]), tf.uint8)
-                for m in ("mr", "ct")})
 
 
 class ScriptedValidator:
